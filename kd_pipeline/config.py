@@ -315,6 +315,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types)))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; accept it, since every such value is meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):

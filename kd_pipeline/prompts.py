@@ -13,9 +13,11 @@ BOS, system, user turns, the ``ASSISTANT:`` tags, image positions and anything a
 Where that bookkeeping disagrees with the real token count GeoChat prints "tokenization mismatch" and masks the
 sample; we do the same masking but return the fact, so the loader counts and reports such samples.
 
-Truncation rule: the text sequence (with the image as ONE placeholder id) is cut to ``max_length`` tokens from the
-end; the image placeholder sits right after BOS, so the cut can never fall inside the image block, which is expanded
-to ``num_image_tokens`` ids only afterwards (GeoChat truncates before the expansion too).
+Truncation rule: the text sequence (with the image as ONE placeholder id) keeps its first ``max_length`` tokens;
+the image block is expanded to ``num_image_tokens`` ids only afterwards (GeoChat truncates before the expansion too),
+so a cut can never fall inside it. The placeholder follows the system prompt and ``USER:``; a ``max_length`` so small
+that it would cut the placeholder itself is reported as ``image_dropped`` (the loader skips and counts such samples,
+since the image features would have nowhere to go).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class EncodedSample:
     labels: list[int]          # (L,) IGNORE_INDEX where unsupervised
     mismatch: bool             # GeoChat's bookkeeping disagreed: the whole sample is masked (counted by callers)
     truncated: bool            # the text was longer than max_length
+    image_dropped: bool = False  # the cut removed the image placeholder: unusable with pixel values
 
 
 def encode_conversation(conversations: list[dict], tokenizer, *, image_token_id: int, num_image_tokens: int,
@@ -139,8 +142,10 @@ def encode_conversation(conversations: list[dict], tokenizer, *, image_token_id:
     labels = [IGNORE_INDEX if token == image_token_id else label for token, label in zip(input_ids, labels)]
 
     truncated = len(input_ids) > max_length
+    image_dropped = has_image and image_token_id not in input_ids[:max_length]
     input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return EncodedSample(*expand_image(input_ids, labels, image_token_id, num_image_tokens), mismatch, truncated)
+    return EncodedSample(*expand_image(input_ids, labels, image_token_id, num_image_tokens), mismatch, truncated,
+                         image_dropped)
 
 
 def expand_image(input_ids: list[int], labels: list[int], image_token_id: int,

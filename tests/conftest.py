@@ -1,0 +1,36 @@
+"""Shared fixtures: offline mode, and a small real SentencePiece tokenizer trained once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+
+TOKENIZER_TEXTS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions.",
+    "USER: What is in the picture? ASSISTANT: A red ship near the harbour.",
+    "[refer] Give me the location of <p> the plane </p> {<10><20><30><40>|<45>}",
+    "[identify] What is the object present at {<8><26><22><37>} a small white vehicle",
+    "Classify the image. Answer the question using a single word or phrase. forest lake desert farmland airport",
+    "Is there a ship in the image? yes no How many planes are there? 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from kd_pipeline.tokenizer import train_tokenizer
+
+    return train_tokenizer(TOKENIZER_TEXTS * 20, tmp_path_factory.mktemp("tokenizer"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from kd_pipeline.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
