@@ -1,0 +1,1 @@
+"""DeepSpeed engines, modules, metrics and stopping used by the recipes."""

@@ -1,0 +1,135 @@
+"""Build the tokenizer, the student engine (ZeRO-3, AdamW, cosine schedule) and the frozen teacher engine.
+
+Order matters and is fixed here (torchtune style, one line of why each):
+1. tokenizer first: the models need its size and the ``<image>`` id;
+2. the teacher's DeepSpeed config next, then the teacher under ``zero.Init`` so it is partitioned while it loads
+   (a 13B replica per rank is what runs MiniLLM out of memory), wrapped by a second ``deepspeed.initialize`` with no
+   optimizer, in eval mode; its LM head gathered once for the fused loss;
+3. the student under ``zero.Init`` last, since P's shape needs the teacher's hidden size; its optimizer sees only
+   trainable parameters (LoRA or LLM, projector by config, P).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from kd_pipeline.config import Config, ConfigError, ModelConfig
+from kd_pipeline.engine.ds_config import resolve_ds_config, zero_stage
+from kd_pipeline.engine.modules import StudentModule, TeacherModule
+from kd_pipeline.runtime import Runtime
+from kd_pipeline.tokenizer import image_token_id, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engines:
+    tokenizer: object
+    student: object            # deepspeed engine around StudentModule
+    optimizer: object
+    scheduler: object
+    teacher: object | None     # deepspeed engine around TeacherModule (None for run.stage=sft)
+    student_ds_config: dict
+    image_token_id: int
+    num_image_tokens: int
+    vocab_size: int
+
+
+def tokenizer_path(config: Config) -> Path:
+    path = config.data.tokenizer or config.student.path
+    if not path:
+        raise ConfigError("no tokenizer: set data.tokenizer (or student.path to a folder that holds one)")
+    return Path(path)
+
+
+def _hidden_size(model_cfg: ModelConfig) -> int:
+    if model_cfg.path:
+        import json
+
+        config_file = Path(model_cfg.path) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{model_cfg.path} has no config.json: not a transformers model folder")
+        return int(json.loads(config_file.read_text())["text_config"]["hidden_size"])
+    from kd_pipeline.models import llava_config
+
+    return llava_config(model_cfg, vocab_size=1, image_token_id=0).text_config.hidden_size
+
+
+def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, vocab_size: int, image_id: int):
+    """Construct (or load) a LLaVA model, partitioned at construction when ZeRO-3 is on.
+
+    While an ``HfDeepSpeedConfig`` is alive, transformers' ``from_pretrained`` and ``_from_config`` enter
+    ``deepspeed.zero.Init`` themselves (with this config), so no second context is opened here.
+    """
+    from kd_pipeline.models import create_model
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    model = create_model(model_cfg, vocab_size=vocab_size, image_token_id=image_id, dtype=runtime.dtype)
+    del hf_ds_config
+    return model
+
+
+def build_engines(config: Config, runtime: Runtime) -> Engines:
+    import deepspeed
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from kd_pipeline.models import num_image_tokens
+
+    tokenizer = load_tokenizer(tokenizer_path(config))
+    vocab_size, image_id = len(tokenizer), image_token_id(tokenizer)
+    student_tokens = num_image_tokens(config.student)
+    teacher_engine = None
+    teacher_hidden = None
+    if config.run.stage != "sft":
+        if num_image_tokens(config.teacher) != student_tokens:
+            raise ConfigError(f"teacher and student see different image token counts ({num_image_tokens(config.teacher)}"
+                              f" vs {student_tokens}): give both the same image_size and patch_size")
+        teacher_hidden = _hidden_size(config.teacher)
+        teacher_ds = resolve_ds_config(config, world_size=runtime.world_size, dtype=runtime.dtype,
+                                       hidden_size=teacher_hidden, for_teacher=True)
+        teacher_llava = _build_llava(config.teacher, teacher_ds, runtime, vocab_size=vocab_size, image_id=image_id)
+        _check_same_tokenizer(config, teacher_llava, vocab_size)
+        teacher_engine, *_ = deepspeed.initialize(model=TeacherModule(teacher_llava), config=teacher_ds)
+        teacher_engine.eval()
+        teacher_engine.module.gather_head(vocab_size)
+
+    student_ds = resolve_ds_config(config, world_size=runtime.world_size, dtype=runtime.dtype,
+                                   hidden_size=_hidden_size(config.student))
+    student_llava = _build_llava(config.student, student_ds, runtime, vocab_size=vocab_size, image_id=image_id)
+    student_module = StudentModule(student_llava, teacher_hidden)
+    trainable = [p for p in student_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, betas=config.train.adam_betas,
+                                  weight_decay=config.train.weight_decay)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=config.train.warmup_steps, num_training_steps=config.train.max_steps,
+        min_lr_rate=config.train.min_lr_ratio)
+    student_engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=student_module, optimizer=optimizer, lr_scheduler=scheduler, config=student_ds)
+    log.info("student: %d trainable tensors; teacher: %s; ZeRO stage %d on %d rank(s), %s",
+             len(trainable), "none" if teacher_engine is None else "frozen", zero_stage(student_ds),
+             runtime.world_size, runtime.dtype)
+    return Engines(tokenizer=tokenizer, student=student_engine, optimizer=optimizer, scheduler=scheduler,
+                   teacher=teacher_engine, student_ds_config=student_ds, image_token_id=image_id,
+                   num_image_tokens=student_tokens, vocab_size=vocab_size)
+
+
+def _check_same_tokenizer(config: Config, teacher_llava, vocab_size: int) -> None:
+    """Teacher rows beyond the student's vocabulary are padding (truncated later); a smaller teacher vocabulary, or a
+    teacher folder whose own tokenizer disagrees with the student's, is a different tokenizer and refused."""
+    from kd_pipeline.models.layout import unwrap_model
+
+    teacher_rows = unwrap_model(teacher_llava).config.text_config.vocab_size
+    if teacher_rows < vocab_size:
+        raise ConfigError(f"teacher vocabulary ({teacher_rows} rows) is smaller than the tokenizer's {vocab_size}: "
+                          f"teacher and student must share one tokenizer")
+    if config.teacher.path and (Path(config.teacher.path) / "tokenizer_config.json").is_file():
+        teacher_vocab = load_tokenizer(config.teacher.path).get_vocab()
+        student_vocab = load_tokenizer(tokenizer_path(config)).get_vocab()
+        if teacher_vocab != student_vocab:
+            raise ConfigError(f"the tokenizer in teacher.path={config.teacher.path} differs from the student's "
+                              f"({tokenizer_path(config)}): KD needs one shared vocabulary")

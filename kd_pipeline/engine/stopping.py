@@ -1,0 +1,55 @@
+"""Stop early, together: a signal (USR1 from Slurm's ``--signal``, TERM) or the job's end time approaching sets a
+flag; at the next step boundary every rank agrees on it with an all-reduce (MAX), so all ranks save the same
+checkpoint and exit with ``RESUME_EXIT_CODE``, which ``launch/slurm_distill.sh`` reads as "requeue me".
+
+Signal handlers only set a flag (nothing else is async-signal-safe); the decision happens at step boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
+RESUME_EXIT_CODE = 75
+
+
+class StopController:
+    def __init__(self, stop_before_end_minutes: float = 0.0):
+        self.requested_by: str | None = None
+        self.deadline = self._job_deadline(stop_before_end_minutes)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    @staticmethod
+    def _job_deadline(minutes: float) -> float | None:
+        """Slurm exports the job's end as SLURM_JOB_END_TIME (epoch seconds; the launcher fills it from scontrol)."""
+        end = os.environ.get("SLURM_JOB_END_TIME")
+        if minutes <= 0 or not end or not end.isdigit():
+            return None
+        return int(end) - 60.0 * minutes
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.requested_by = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """Collective: every rank must call this at the same step boundary."""
+        if self.requested_by is None and self.deadline is not None and time.time() >= self.deadline:
+            self.requested_by = "job end time"
+        flag = torch.tensor([1 if self.requested_by else 0], dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+        if stop:
+            log.warning("stop requested (%s): saving a checkpoint and exiting with code %d (resume me)",
+                        self.requested_by or "another rank", RESUME_EXIT_CODE)
+        return stop

@@ -1,0 +1,69 @@
+"""Train: ``python -m kd_pipeline.train --config FILE [section.key=value ...]``.
+
+Runbook (the same entry point under every launcher):
+
+    # one process (CPU or one GPU)
+    python -m kd_pipeline.train --config configs/tiny_cpu.yaml data.shards=data/shards
+    # two CPU ranks on this machine (gloo)
+    torchrun --standalone --nproc_per_node 2 -m kd_pipeline.train --config configs/tiny_cpu.yaml data.shards=...
+    deepspeed --num_gpus 2 --module kd_pipeline.train --config configs/tiny_cpu.yaml data.shards=...
+    # a Slurm cluster
+    sbatch launch/slurm_distill.sh configs/geochat_13b_to_7b.yaml
+
+Exit codes: 0 finished; 75 stopped early on a signal or the job's end time after saving (resume me: run the same
+command again); 2 bad configuration or input (one clear line on stderr); anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kd_pipeline.config import ConfigError, help_text, load_config
+
+log = logging.getLogger("kd_pipeline.train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kd_pipeline.train", description="Distil a GeoChat teacher into a student (or fine-tune one).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text())
+    parser.add_argument("--config", help="run YAML (see configs/); omitted keys keep their defaults")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from kd_pipeline.checkpoint import CheckpointError
+    from kd_pipeline.runtime import init_runtime, setup_logging
+
+    runtime = init_runtime(config.deepspeed.timeout_minutes)
+    setup_logging(runtime.rank)
+    try:
+        if config.run.stage == "minillm":
+            from kd_pipeline.recipes import minillm as recipe
+        else:
+            from kd_pipeline.recipes import supervised as recipe
+        return recipe.run(config, runtime)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
