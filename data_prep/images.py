@@ -1,0 +1,132 @@
+"""Image checks shared by the shard, pt and bench converters.
+
+An image is accepted when PIL recognises one of the formats the shard contract allows (PNG, JPEG, TIFF, BMP, WebP,
+GIF), its header reports at most ``max_pixels`` pixels, and a full decode (``.load()``) succeeds, which is what
+catches truncated files. The pixel limit is checked from the header BEFORE decoding, so a decompression bomb is
+rejected without allocating its pixels. Bytes are never modified: callers keep writing the exact bytes that were
+checked (``inspect_image_bytes`` works on those bytes, not on a second read of the file).
+
+Grayscale, RGBA, palette and 16-bit images are accepted as they are; conversion to RGB happens in the training
+loader, not here. ``width`` and ``height`` are the stored size (before any EXIF orientation), as GeoChat's own
+``Image.open`` sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+from PIL import Image
+
+# PIL raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (2 x 89,478,485); the same number is our default.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
+# PIL format name -> file extension of the shard contract. MPO is how PIL names JPEGs written by cameras that embed
+# a second (preview) picture: the bytes are a valid JPEG.
+FORMAT_EXTENSIONS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "TIFF": "tif",
+    "BMP": "bmp",
+    "WEBP": "webp",
+    "GIF": "gif",
+}
+SUPPORTED_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))
+# Openers handed to Image.open: MPO has no opener of its own, PIL's JPEG opener returns MPO images itself.
+_OPENERS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
+
+# Extensions a file of an accepted format may carry on disk (used to find a file whose name lost its extension).
+DISK_EXTENSIONS = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "gif")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the shard JSON records about an accepted image."""
+
+    ext: str
+    width: int
+    height: int
+
+
+class ImageRejected(Exception):
+    """An image failed a check; ``reason`` is the reject code written to rejects.jsonl."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Make PIL's own bomb check agree with ``max_pixels`` while one image is opened.
+
+    PIL compares against a module-level global; without this a user limit above PIL's default would still be
+    refused by PIL with its own message. Our explicit header check below stays the one that decides.
+    """
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _describe(error: Exception) -> str:
+    """Error text without object addresses, so that rejects.jsonl is the same in every run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
+
+
+def inspect_image_bytes(image_bytes: bytes, max_pixels: int, name: str = "image") -> ImageInfo:
+    """Check one image held in memory and return its contract extension and size.
+
+    Raises ImageRejected with reason ``too_many_pixels`` (header size above ``max_pixels``) or
+    ``unreadable_image`` (unknown or unsupported format, corrupt or truncated data).
+    """
+    with _pil_pixel_limit(max_pixels):
+        try:
+            # formats= keeps PIL's rarer (and less hardened) plugins away from untrusted bytes.
+            image = Image.open(io.BytesIO(image_bytes), formats=_OPENERS)
+        except Image.DecompressionBombError as error:
+            raise ImageRejected("too_many_pixels", f"{name}: {_describe(error)}") from error
+        except Image.UnidentifiedImageError as error:
+            raise ImageRejected(
+                "unreadable_image", f"{name}: not a {'/'.join(SUPPORTED_EXTENSIONS)} image (format not recognised)"
+            ) from error
+        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad data
+            raise ImageRejected("unreadable_image", f"{name}: header cannot be read ({_describe(error)})") from error
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    "too_many_pixels", f"{name}: {width}x{height} = {width * height} pixels > limit {max_pixels}"
+                )
+            try:
+                image.load()  # a full decode is the only reliable way to notice truncated data
+            except Exception as error:  # same reason as above: any decoder failure means unreadable
+                raise ImageRejected("unreadable_image", f"{name}: decoding failed ({_describe(error)})") from error
+            return ImageInfo(ext=FORMAT_EXTENSIONS[image.format], width=width, height=height)
+
+
+def read_image_file(image_path: str, max_pixels: int, name: str | None = None) -> tuple[bytes, ImageInfo]:
+    """Read an image file and check it; returns the unchanged bytes and their ImageInfo.
+
+    Raises ImageRejected with ``missing_image`` when the file is absent or not a regular file, else as
+    ``inspect_image_bytes``.
+    """
+    label = name or image_path
+    try:
+        with open(image_path, "rb") as image_file:
+            image_bytes = image_file.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        raise ImageRejected("missing_image", f"{label}: {error.strerror}") from error
+    except OSError as error:
+        raise ImageRejected("unreadable_image", f"{label}: cannot read file ({error})") from error
+    return image_bytes, inspect_image_bytes(image_bytes, max_pixels, label)

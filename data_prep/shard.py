@@ -1,0 +1,155 @@
+"""``python -m data_prep shard``: GeoChat/LLaVA instruction data -> webdataset tar shards + manifest + rejects.
+
+Runbook::
+
+    python -m data_prep shard --instruct GeoChat_Instruct.json --images /data/geochat/images \\
+        --out /data/geochat/shards --workers 16            # 512 MiB shards, 1% validation split, seed 0
+    python -m data_prep shard ... --resume                 # after an interruption: same arguments plus --resume
+    python -m data_prep verify /data/geochat/shards
+
+Output: ``train-%06d.tar``, ``val-%06d.tar``, ``manifest.json``, ``rejects.jsonl`` (format: ``manifest.py`` and the
+shard contract). Every input record is either written or listed in rejects.jsonl with a reason code:
+``malformed_record``, ``bad_image_token``, ``bad_box`` (``records.py``), ``missing_image`` (checked by stat while
+screening), ``duplicate_id`` (first valid occurrence kept), ``unreadable_image`` and ``too_many_pixels`` (found by
+the workers while decoding: ``images.py``).
+
+Duplicate ids are decided while screening, before images are decoded: if the first occurrence of an id later turns
+out to have an unreadable image, its duplicates stay rejected (the plan is fixed before decoding so that it cannot
+depend on the worker count).
+
+Exit codes: 0 success; 1 more than ``--max-reject-fraction`` of the records rejected (default 0.05: a higher rate
+usually means a wrong ``--images`` directory or a schema mismatch; outputs are still written); 2 unusable input or
+arguments (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+from data_prep.images import DEFAULT_MAX_IMAGE_PIXELS
+from data_prep.manifest import build_manifest, count_by, reject_fraction_problem, summary_table, write_run_outputs
+from data_prep.records import TASK_KINDS, RecordRejected, record_id, task_kind, validate_record
+from data_prep.sharding import (
+    SampleSpec,
+    assign_splits,
+    plan_shards,
+    prepare_out_dir,
+    run_shard_jobs,
+    sample_key,
+)
+from data_prep.sources import InputError, UnparsableLine, describe_source, load_records
+
+logger = logging.getLogger(__name__)
+
+SHARD_PREFIXES = ("train-", "val-")
+MEBIBYTE = 1 << 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep shard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instruct", required=True, help="GeoChat/LLaVA JSON list or JSONL of records")
+    parser.add_argument("--images", required=True, help="directory the records' 'image' paths are relative to")
+    parser.add_argument("--out", required=True, help="output directory for shards, manifest.json, rejects.jsonl")
+    parser.add_argument("--max-shard-mb", type=float, default=512, help="target shard size in MiB (default 512)")
+    parser.add_argument("--max-shard-samples", type=int, default=1_000_000, help="sample cap per shard")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of samples in val (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and shard assignment")
+    parser.add_argument("--resume", action="store_true", help="keep complete shards of an interrupted run")
+    parser.add_argument("--max-reject-fraction", type=float, default=0.05,
+                        help="exit 1 when more than this share of records is rejected (default 0.05)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="reject images with more pixels, read from the header (default %(default)s)")
+    return parser
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.max_shard_mb <= 0 or args.max_shard_samples <= 0 or args.workers <= 0 or args.max_image_pixels <= 0:
+        parser.error("--max-shard-mb, --max-shard-samples, --workers and --max-image-pixels must be positive")
+    if not 0 <= args.max_reject_fraction <= 1:
+        parser.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
+
+
+def screen_records(records: list[object], images_dir: str) -> tuple[list[SampleSpec], list[dict]]:
+    """Checks that need no decoding, in input order: structure, tokens, boxes, image presence, duplicate ids.
+
+    Returns the samples to plan and the rejects found so far.
+    """
+    specs: list[SampleSpec] = []
+    rejects: list[dict] = []
+    seen_ids: set[str] = set()
+    for index, record in enumerate(tqdm(records, desc="screening", unit="record", leave=False)):
+        try:
+            if isinstance(record, UnparsableLine):
+                raise RecordRejected("malformed_record", record.detail)
+            image_name, conversations = validate_record(record)
+            image_path, image_size = None, 0
+            if image_name is not None:
+                image_path = os.path.join(images_dir, image_name)
+                if not os.path.isfile(image_path):
+                    raise RecordRejected("missing_image", f"{image_name}: no such file under {images_dir}")
+                image_size = os.path.getsize(image_path)
+            identifier = record_id(record)
+            # ids are compared as text: 7 and "7" would become the same string downstream
+            if identifier is not None and str(identifier) in seen_ids:
+                raise RecordRejected("duplicate_id", f"id {identifier!r} already used by an earlier record")
+        except RecordRejected as rejected:
+            rejects.append({"index": index, "id": record_id(record), "reason": rejected.reason,
+                            "detail": rejected.detail})
+            continue
+        if identifier is not None:
+            seen_ids.add(str(identifier))
+        meta = {
+            "id": identifier, "image": image_name, "image_ext": None, "width": None, "height": None,
+            "task": task_kind(conversations, has_image=image_name is not None), "conversations": conversations,
+        }
+        specs.append(SampleSpec(index, sample_key(index), meta, image_path, image_name, image_size))
+    return specs, rejects
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the shard command; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    try:
+        records = load_records(args.instruct)
+        if not isinstance(records, list):
+            raise InputError(f"instruct file {args.instruct!r} holds a {type(records).__name__}, expected a list")
+        if not os.path.isdir(args.images):
+            raise InputError(f"--images {args.images!r} is not a directory")
+        prepare_out_dir(args.out, args.resume, SHARD_PREFIXES)
+    except (InputError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    source = describe_source(args.instruct)
+    specs, rejects = screen_records(records, args.images)
+    logger.info("screened %d records: %d to write, %d rejected", len(records), len(specs), len(rejects))
+    splits = assign_splits(specs, args.seed, args.val_fraction)
+    jobs = plan_shards(splits, int(args.max_shard_mb * MEBIBYTE), args.max_shard_samples, args.max_image_pixels)
+    results = run_shard_jobs(jobs, args.out, args.workers, args.resume, SHARD_PREFIXES, known_rejects=len(rejects))
+
+    for result in results:
+        rejects.extend(result.rejects)
+    manifest = build_manifest(
+        kind="instruct", source=source, seed=args.seed, val_fraction=args.val_fraction,
+        max_image_pixels=args.max_image_pixels, input_count=len(records),
+        shard_results=[vars(result) for result in results], split_names=("train", "val"),
+        task_kinds=count_by([kind for result in results for kind in result.task_kinds], TASK_KINDS),
+        rejects=rejects,
+    )
+    write_run_outputs(args.out, manifest, rejects)
+    print(summary_table(manifest))
+    problem = reject_fraction_problem(manifest["totals"], args.max_reject_fraction)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0
