@@ -80,8 +80,10 @@ def _sha256(path: Path) -> str:
 
 
 def _owned_by_rank(name: str, rank: int) -> bool:
-    """DeepSpeed names per-rank shards ``zero_pp_rank_{r}_...`` / ``bf16_zero_pp_rank_{r}_...``; ours ``rank_{r}``."""
-    return (re.search(rf"(^|_)pp_rank_{rank}_", name) is not None) or name == f"rank_{rank:05d}.pt"
+    """DeepSpeed names per-rank shards ``zero_pp_rank_{r}_...`` / ``bf16_zero_pp_rank_{r}_...``; ours are
+    ``rank_{r:05d}.pt`` and the loader's ``loader_{name}_rank{r:05d}.json``."""
+    return (re.search(rf"(^|_)pp_rank_{rank}_", name) is not None or name == f"rank_{rank:05d}.pt"
+            or re.fullmatch(rf"loader_\w+_rank{rank:05d}\.json", name) is not None)
 
 
 def _hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
@@ -94,14 +96,22 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, checkpoint_dir: str | Path, state: TrainerState, *, rank: int, world_size: int,
-                    rank_state: dict, config_yaml: str, keep_last: int) -> str:
-    """Save a complete checkpoint at ``state.step`` on every rank; returns its tag."""
+                    rank_state: dict, config_yaml: str, keep_last: int, loader_states: dict | None = None) -> str:
+    """Save a complete checkpoint at ``state.step`` on every rank; returns its tag.
+
+    ``rank_state`` (tensors and plain types) goes to ``rank_{r}.pt``; ``loader_states`` maps a loader name to this
+    rank's ``state_dict()``, written with ``kd_pipeline.data.save_loader_state``.
+    """
+    from kd_pipeline.data import save_loader_state
+
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag_for_step(state.step)
     folder = checkpoint_dir / tag
     try:
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
         torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
+        for name, loader_state in (loader_states or {}).items():
+            save_loader_state(folder, name, rank, loader_state)
         mine = sorted(p.name for p in folder.iterdir() if p.is_file() and _owned_by_rank(p.name, rank))
         my_hashes = _hash_files(folder, mine)
     except OSError as error:
@@ -203,6 +213,43 @@ def load_rank_state(folder: Path, rank: int) -> dict:
 
 def load_trainer_state(folder: Path) -> TrainerState:
     return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+def resolve_init_from(init_from: str) -> Path:
+    """``run.init_from``: a run folder (its ``best`` checkpoint, else ``latest``) or a checkpoint folder."""
+    path = Path(init_from)
+    checkpoint_dir = path / "checkpoints"
+    if checkpoint_dir.is_dir():
+        for pointer in ("best", "latest"):
+            if (checkpoint_dir / pointer).is_file():
+                path = checkpoint_dir / (checkpoint_dir / pointer).read_text().strip()
+                log.info("run.init_from=%s: using its %s checkpoint %s", init_from, pointer, path.name)
+                break
+    problem = verify_checkpoint(path, deep=False) if path.is_dir() else "it does not exist"
+    if problem:
+        raise CheckpointError(f"run.init_from={init_from}: {path} is not a usable checkpoint ({problem})")
+    return path
+
+
+def load_module_weights(engine, folder: Path) -> None:
+    """Load only the module weights of a checkpoint (any world size) into a ZeRO-3 engine: DeepSpeed's own
+    consolidation on every rank, then rank 0's copy into the gathered parameters. Used by stage 2's init_from."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    module = engine.module
+    named = dict(module.named_parameters())
+    missing = sorted(set(named) - set(state))
+    if missing:
+        raise CheckpointError(f"{folder} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                              f"it was trained with another architecture or LoRA setting")
+    zero3 = any(hasattr(p, "ds_id") for p in named.values())
+    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0, enabled=zero3):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with torch.no_grad():
+                for name, param in named.items():
+                    param.copy_(state[name].to(param.dtype))
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:

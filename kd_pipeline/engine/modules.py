@@ -6,11 +6,14 @@ hidden states without ever computing full logits, so the student module register
 parameter and applies the (pure) loss functions itself. The teacher's LM head is constant, so it is gathered once
 into a plain tensor (``TeacherModule.head_weight``; V x H_t, about 330 MB in bf16 for a 13B teacher) instead.
 
-Positions: LLaVA's hidden state at position i predicts token i+1, so every term below works on
-``hidden[:, :-1]`` against ``labels[:, 1:]`` (supervised where the shifted label is not -100).
+Positions: LLaVA's hidden state at position i predicts token i+1, so the supervised terms work on
+``hidden[:, :-1]`` against ``labels[:, 1:]`` (supervised where the shifted label is not -100), and the policy terms
+on ``hidden[:, P-1:-1]`` against the T response tokens that follow a (left-padded) prompt of length P.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,11 +38,18 @@ def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tens
     if pixel_values is not None and pixel_values.shape[0] == 0:
         pixel_values = None
     output = core.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=pixel_values, use_cache=False)
+                        position_ids=batch.get("position_ids"), pixel_values=pixel_values, use_cache=False)
     features = None
     if output.image_outputs is not None:
         features = torch.stack(list(output.image_outputs.pooler_output))  # (N_img, T_img, H)
     return output.last_hidden_state, features
+
+
+@dataclass
+class TeacherOutputs:
+    hidden: torch.Tensor                 # (B, L, Ht) final hidden states (or the slice a loss needs)
+    features: torch.Tensor | None        # (N_img, T_img, Ht) projector outputs z_T(x)
+    head_weight: torch.Tensor            # (V, Ht) LM head, padding rows dropped
 
 
 class TeacherModule(nn.Module):
@@ -61,11 +71,42 @@ class TeacherModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, features); a plain tuple so ZeRO-3's hooks can see the tensors (see ``run_teacher``)."""
         return llava_hidden_and_features(self.llava, batch)
 
 
+def run_teacher(teacher_engine, batch: dict) -> TeacherOutputs:
+    hidden, features = teacher_engine(batch)
+    return TeacherOutputs(hidden, features, teacher_engine.module.head_weight)
+
+
+@dataclass
+class LossSettings:
+    """The knobs of one supervised objective: stage 1 (alpha_kd, tau, lambda_align) or stage 2's PT loss
+    (alpha_kd = kd_ratio, tau = 1, no alignment)."""
+    alpha_kd: float = 0.0
+    temperature: float = 1.0
+    align_weight: float = 0.0
+    fused: bool = True
+    chunk_size: int = 1024
+
+
+@dataclass
+class PolicySettings:
+    """Stage-2 policy-gradient knobs (paper eq. 6-10, MiniLLM's code)."""
+    clip_eps: float = 0.2
+    single_step_weight: float = 1.0
+    align_weight: float = 0.0
+    chunk_size: int = 1024
+
+
 class StudentModule(nn.Module):
-    """Trainable student plus the map P from its hidden size to the teacher's (identity when equal)."""
+    """Trainable student plus the map P from its hidden size to the teacher's (identity when equal).
+
+    ``forward(mode="supervised", ...)``: sft (no teacher) or stage 1 (teacher tensors given);
+    ``forward(mode="minillm", ...)``: stage 2's policy terms on a rollout batch plus the PT loss on a D_PT batch,
+    in ONE forward so DeepSpeed sees one forward and one backward per micro-batch.
+    """
 
     def __init__(self, llava: nn.Module, teacher_hidden_size: int | None):
         super().__init__()
@@ -82,11 +123,16 @@ class StudentModule(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return unwrap_llava(self.llava).lm_head.weight
 
-    def forward(self, batch: dict, teacher_hidden: torch.Tensor | None = None,
-                teacher_head: torch.Tensor | None = None, teacher_features: torch.Tensor | None = None, *,
-                alpha_kd: float = 0.0, temperature: float = 1.0, align_weight: float = 0.0, fused: bool = True,
-                chunk_size: int = 1024) -> dict[str, torch.Tensor]:
-        """Stage-1 objective (paper eq. 1-5); with no teacher inputs it is plain supervised fine-tuning (``sft``).
+    def forward(self, mode: str = "supervised", **inputs) -> dict[str, torch.Tensor]:
+        if mode == "supervised":
+            return self.supervised_terms(**inputs)
+        if mode == "minillm":
+            return self.minillm_terms(**inputs)
+        raise ValueError(f"unknown StudentModule mode {mode!r}")
+
+    def supervised_terms(self, batch: dict, teacher: TeacherOutputs | None = None,
+                         settings: LossSettings = LossSettings()) -> dict[str, torch.Tensor]:
+        """Stage-1 objective (paper eq. 1-5); with no teacher it is plain supervised fine-tuning (``sft``).
 
         Returns ``loss`` and each term: ``ce``, and with a teacher ``kd`` (already times tau^2) and ``align``.
         """
@@ -97,34 +143,73 @@ class StudentModule(nn.Module):
         count = supervised.sum().clamp(min=1)
         weight = self.head_weight
         terms: dict[str, torch.Tensor] = {}
-        if teacher_hidden is None:
-            logits = student_hidden[supervised].float() @ weight.float().T  # (N_sup, V)
-            logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[supervised].unsqueeze(-1)).squeeze(-1)
+        student_rows = student_hidden[supervised]  # (N_sup, Hs)
+        row_targets = targets[supervised]  # (N_sup,)
+        if teacher is None:
+            logits = student_rows.float() @ weight.float().T  # (N_sup, V)
+            logprob = torch.log_softmax(logits, dim=-1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
             terms["ce"] = -logprob.sum() / count
             terms["loss"] = terms["ce"] + self._touch_unused(hidden, features)
             return terms
 
-        teacher_rows = teacher_hidden[:, :-1][supervised]  # (N_sup, Ht)
-        student_rows = student_hidden[supervised]  # (N_sup, Hs)
-        row_targets = targets[supervised]  # (N_sup,)
-        if fused:
-            kl, target_logprob = fused_token_kl(student_rows, weight, teacher_rows, teacher_head, direction="forward",
-                                                temperature=temperature, chunk_size=chunk_size, targets=row_targets)
+        teacher_rows = teacher.hidden[:, :-1][supervised]  # (N_sup, Ht)
+        temperature = settings.temperature
+        if settings.fused:
+            kl, target_logprob = fused_token_kl(student_rows, weight, teacher_rows, teacher.head_weight,
+                                                direction="forward", temperature=temperature,
+                                                chunk_size=settings.chunk_size, targets=row_targets)
         else:
             student_logits = student_rows.float() @ weight.float().T  # (N_sup, V)
-            teacher_logits = teacher_rows.float() @ teacher_head.float().T  # (N_sup, Vt)
+            teacher_logits = teacher_rows.float() @ teacher.head_weight.float().T  # (N_sup, Vt)
             kl = token_kl(student_logits, teacher_logits, direction="forward", temperature=temperature)
             target_logprob = torch.log_softmax(student_logits, -1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
         terms["kd"] = temperature ** 2 * kl.sum() / count
         terms["ce"] = -target_logprob.sum() / count
-        loss = alpha_kd * terms["kd"] + (1.0 - alpha_kd) * terms["ce"]
-        if features is not None and teacher_features is not None:
-            terms["align"] = alignment_loss(self.feature_map(features), teacher_features)
-            loss = loss + align_weight * terms["align"]
-        else:
-            terms["align"] = hidden.new_zeros(())
-        terms["loss"] = loss + self._touch_unused(hidden, features)
+        loss = settings.alpha_kd * terms["kd"] + (1.0 - settings.alpha_kd) * terms["ce"]
+        terms["align"], loss = self._add_alignment(loss, hidden, features, teacher.features, settings.align_weight)
+        terms["loss"] = loss
         return terms
+
+    def minillm_terms(self, rollout: dict, rollout_teacher: TeacherOutputs, pt_batch: dict | None,
+                      pt_teacher: TeacherOutputs | None, policy: PolicySettings,
+                      pt_settings: LossSettings, pt_weight: float) -> dict[str, torch.Tensor]:
+        """Stage 2 on one micro-batch (paper eq. 10): PPO-clipped long-term term + single-step reverse KL +
+        pt_weight x PT loss + lambda_align x alignment.
+
+        ``rollout`` holds the prompt+response sequences (``input_ids``/``attention_mask``/``position_ids``
+        (B, P+T), ``pixel_values``) and per response token (B, T): ``response_mask``, ``old_logprob``,
+        ``advantages``, ``weights``. ``rollout_teacher.hidden`` is the teacher's (B, T, Ht) at the positions that
+        predict the response tokens (cached once per rollout round).
+        """
+        from kd_pipeline.losses.minillm import policy_gradient_loss, pretrain_loss, single_step_loss
+
+        hidden, features = llava_hidden_and_features(self.llava, rollout)  # (B, P+T, Hs)
+        response = rollout["response_tokens"]  # (B, T)
+        mask = rollout["response_mask"].bool()  # (B, T)
+        prompt_length = rollout["input_ids"].shape[1] - response.shape[1]
+        student_hidden = hidden[:, prompt_length - 1:-1]  # (B, T, Hs): position P-1+t predicts response token t
+        reverse_kl, logprob_new = fused_token_kl(
+            student_hidden, self.head_weight, rollout_teacher.hidden, rollout_teacher.head_weight,
+            direction="reverse", chunk_size=policy.chunk_size, targets=response.masked_fill(~mask, IGNORE_INDEX))
+        pg_loss, clip_frac = policy_gradient_loss(logprob_new, rollout["old_logprob"], rollout["advantages"],
+                                                  rollout["weights"], mask, clip_eps=policy.clip_eps)
+        single = single_step_loss(reverse_kl, mask)
+        loss = pg_loss + policy.single_step_weight * single
+        align, loss = self._add_alignment(loss, hidden, features, rollout_teacher.features, policy.align_weight)
+        terms = {"pg_loss": pg_loss, "single_step_loss": single, "align_loss": align, "clip_frac": clip_frac}
+        if pt_batch is not None:
+            pt_terms = self.supervised_terms(pt_batch, pt_teacher, pt_settings)
+            terms["pt_loss"] = pretrain_loss(pt_terms["ce"], pt_terms["kd"], pt_settings.alpha_kd)
+            loss = loss + pt_weight * terms["pt_loss"]
+        terms["loss"] = loss
+        return terms
+
+    def _add_alignment(self, loss: torch.Tensor, hidden: torch.Tensor, features: torch.Tensor | None,
+                       teacher_features: torch.Tensor | None, align_weight: float):
+        if features is not None and teacher_features is not None:
+            align = alignment_loss(self.feature_map(features), teacher_features)
+            return align, loss + align_weight * align
+        return hidden.new_zeros(()), loss + self._touch_unused(hidden, features)
 
     def _touch_unused(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """A text-only micro-batch never runs the projector (nor P), but ZeRO-3 reduces gradients per parameter

@@ -16,45 +16,31 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from kd_pipeline import checkpoint as ckpt
 from kd_pipeline.config import Config, config_to_dict
-from kd_pipeline.data import build_eval_loader, build_train_loader
+from kd_pipeline.data import build_eval_loader, build_train_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
+from kd_pipeline.engine.modules import LossSettings, run_teacher
 from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
 from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController
-from kd_pipeline.prompts import IGNORE_INDEX
-from kd_pipeline.runtime import Runtime, capture_rng_state, restore_rng_state, seed_everything
+from kd_pipeline.recipes.common import agree_on_resume, save, supervised_count, to_device
+from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
-
-
-def supervised_count(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def stage1_settings(config: Config) -> LossSettings:
+    return LossSettings(alpha_kd=config.kd.alpha_kd, temperature=config.kd.temperature,
+                        align_weight=config.kd.align_weight, fused=config.kd.fused, chunk_size=config.kd.chunk_size)
 
 
 def loss_terms(engines: Engines, batch: dict, config: Config) -> dict[str, torch.Tensor]:
     """Teacher forward (if any) then the student's loss terms for one micro-batch."""
-    if engines.teacher is None:
-        return engines.student(batch)
-    teacher_hidden, teacher_features = engines.teacher(batch)
-    return engines.student(batch, teacher_hidden, engines.teacher.module.head_weight, teacher_features,
-                           alpha_kd=config.kd.alpha_kd, temperature=config.kd.temperature,
-                           align_weight=config.kd.align_weight, fused=config.kd.fused, chunk_size=config.kd.chunk_size)
+    teacher = run_teacher(engines.teacher, batch) if engines.teacher is not None else None
+    return engines.student(mode="supervised", batch=batch, teacher=teacher, settings=stage1_settings(config))
 
 
 @torch.no_grad()
@@ -78,23 +64,11 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, eval_loader) ->
     return {f"val_{name}": value / denominator for name, value in totals.items()}
 
 
-def _agree_on_resume(config: Config, runtime: Runtime) -> Path | None:
-    """Rank 0 picks the checkpoint (verifying checksums once) and every rank uses its choice."""
-    choice = [None]
-    if runtime.is_main:
-        folder = ckpt.resolve_resume(config.checkpoint.resume, Path(config.run.output_dir))
-        choice = [str(folder) if folder else None]
-    if runtime.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
-
-
 def run(config: Config, runtime: Runtime) -> int:
     output_dir = Path(config.run.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
     seed_everything(config.run.seed)  # identical model initialisation on every rank
     engines = build_engines(config, runtime)
-    resume_folder = _agree_on_resume(config, runtime)
+    resume_folder = agree_on_resume(config, runtime)
     state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=zero_stage(engines.student_ds_config),
                               stage=config.run.stage)
     rank_state = None
@@ -109,7 +83,8 @@ def run(config: Config, runtime: Runtime) -> int:
                          num_image_tokens=engines.num_image_tokens, micro_batch_size=config.train.micro_batch_size,
                          rank=runtime.rank, world_size=runtime.world_size)
     train_loader = build_train_loader(config.data, seed=config.run.seed, split="train",
-                                      state=rank_state["loader"] if rank_state else None, **loader_kwargs)
+                                      state=load_loader_state(resume_folder, "train") if resume_folder else None,
+                                      **loader_kwargs)
     eval_loader = build_eval_loader(config.data, split="val", **loader_kwargs)
     batches = iter(train_loader)
     if rank_state is not None:
@@ -158,10 +133,7 @@ def run(config: Config, runtime: Runtime) -> int:
                                                                         "tokens_per_s", "data_wait_frac")})
         stop = stopper.should_stop()
         if (step % config.checkpoint.every_steps == 0 or step == config.train.max_steps or stop or is_best):
-            rank_payload = {"rng": capture_rng_state(), "loader": train_loader.state_dict()}
-            ckpt.save_checkpoint(engines.student, checkpoint_dir, state, rank=runtime.rank,
-                                 world_size=runtime.world_size, rank_state=rank_payload, config_yaml=config_yaml,
-                                 keep_last=config.checkpoint.keep_last)
+            save(engines, config, runtime, state, config_yaml, loaders={"train": train_loader})
         if stop:
             exit_code = RESUME_EXIT_CODE
             break
