@@ -17,7 +17,8 @@ COMMANDS = {
     "bench": ("data_prep.bench", "GeoChat-Bench question files -> normalized evaluation set"),
     "pt": ("data_prep.pt", "pre-training corpus -> pt tar shards"),
     "synth": ("data_prep.synth", "write a small synthetic dataset"),
-    "preview": ("data_prep.preview", "show samples of a shard directory"),
+    "preview": ("data_prep.preview", "show what the model sees for samples of a shard directory"),
+    "tokenizer": ("data_prep.tokenizer", "train a small SentencePiece tokenizer on instruction text (tests, demo)"),
 }
 
 

@@ -16,7 +16,7 @@ Writes into ``--out``:
   world.json            the world's parameters (classes, object kinds, colours, conventions), seed, sizes, counts
 
 Box text is ``{<x1><y1><x2><y2>|<theta>}`` on the 0-100 grid with the rotation convention documented in
-``data_prep.synth_world`` (positive theta = counter-clockwise as seen on the image, y axis down on screen).
+``data_prep.synth_world`` (positive theta = clockwise as seen on the image, y axis down on screen).
 Difficulty is graded on purpose: rural/urban and scene class are easy-ish, presence/comparison/counts (up to 6,
 small objects included) harder, exact rotated boxes hardest, so a larger model can clearly beat a smaller one.
 

@@ -6,10 +6,10 @@ tanks, buildings) are flat-coloured rotated shapes drawn with PIL ``ImageDraw`` 
 
 Geometry lives on GeoChat's 0-100 grid: an object is the integer box ``x1 y1 x2 y2`` (its size before rotation,
 centred on the object) plus an integer angle ``theta`` in [-90, 90] degrees, written as ``{<x1><y1><x2><y2>|<theta>}``.
-Rotation convention (the one the evaluation scorer uses): theta rotates the box about its centre, positive =
-counter-clockwise as seen on the image, whose y axis points DOWN on screen. So in image coordinates (x right, y down)
-a box point at offset (dx, dy) from the centre goes to (dx cos t + dy sin t, -dx sin t + dy cos t); at theta = +90 the
-point right of the centre moves straight up. The box's x1..x2 extent is the object's length axis (ship bow, plane
+Rotation convention (GeoChat's own drawing helper and the evaluation scorer, kd_pipeline/eval/boxes.py): theta
+rotates the box about its centre, positive = CLOCKWISE as seen on the image, whose y axis points DOWN on screen. So in
+image coordinates (x right, y down) a box point at offset (dx, dy) from the centre goes to
+(dx cos t - dy sin t, dx sin t + dy cos t); at theta = +90 the point right of the centre moves straight down. The box's x1..x2 extent is the object's length axis (ship bow, plane
 nose point towards +x before rotation).
 
 Objects are drawn from their grid boxes (not the other way round), so the box text describes the drawn shape
@@ -122,7 +122,7 @@ class SceneObject:
     y1: int
     x2: int
     y2: int
-    angle: int  # degrees in [-90, 90], positive = counter-clockwise on screen (see module docstring)
+    angle: int  # degrees in [-90, 90], positive = clockwise on screen (see module docstring)
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -165,11 +165,11 @@ def size_group_of_area(area: float) -> str:
 
 
 def rotate_offsets(offsets: np.ndarray, angle_degrees: float) -> np.ndarray:
-    """Rotate (N, 2) (dx, dy) offsets in image coordinates (y down) by angle, positive = counter-clockwise on screen."""
+    """Rotate (N, 2) (dx, dy) offsets in image coordinates (y down) by angle, positive = clockwise on screen."""
     theta = math.radians(angle_degrees)
     cos_t, sin_t = math.cos(theta), math.sin(theta)
-    rotated_x = offsets[:, 0] * cos_t + offsets[:, 1] * sin_t  # (N,)
-    rotated_y = -offsets[:, 0] * sin_t + offsets[:, 1] * cos_t  # (N,)
+    rotated_x = offsets[:, 0] * cos_t - offsets[:, 1] * sin_t  # (N,)
+    rotated_y = offsets[:, 0] * sin_t + offsets[:, 1] * cos_t  # (N,)
     return np.stack([rotated_x, rotated_y], axis=1)  # (N, 2)
 
 
@@ -301,6 +301,6 @@ def world_parameters() -> dict:
                         "unit": "grid units squared (0-100 grid), before rotation"},
         "box_format": "{<x1><y1><x2><y2>|<theta>}: integers on the 0-100 grid of the image width/height",
         "rotation_convention": "theta (integer degrees in [-90, 90]) rotates the box about its centre; positive = "
-                               "counter-clockwise as seen on the image (y axis down on screen); x1..x2 is the "
+                               "clockwise as seen on the image (y axis down on screen); x1..x2 is the "
                                "object's length axis",
     }

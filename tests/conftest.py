@@ -34,3 +34,23 @@ def tokenizer(tokenizer_dir):
     from kd_pipeline.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic world, sharded (train/val) and with a tokenizer trained on it: the inputs of every
+    end-to-end test. Returns a dict of paths: root, shards, pt_shards, tokenizer, bench."""
+    from data_prep.__main__ import main as data_prep
+
+    root = tmp_path_factory.mktemp("synth_data")
+    assert data_prep(["synth", "--out", str(root / "synth"), "--num", "320", "--seed", "0", "--bench-num", "24"]) == 0
+    assert data_prep(["shard", "--instruct", str(root / "synth" / "instruct.json"), "--images",
+                      str(root / "synth" / "images"), "--out", str(root / "shards"), "--val-fraction", "0.1",
+                      "--max-shard-samples", "40", "--workers", "1", "--seed", "0"]) == 0
+    assert data_prep(["pt", "--text", str(root / "synth" / "pt_corpus.txt"), "--out", str(root / "pt_shards"),
+                      "--max-shard-samples", "50"]) == 0
+    assert data_prep(["tokenizer", "--instruct", str(root / "synth" / "instruct.json"), "--text",
+                      str(root / "synth" / "pt_corpus.txt"), "--out", str(root / "tokenizer"),
+                      "--vocab-size", "600"]) == 0
+    return {"root": root, "shards": root / "shards", "pt_shards": root / "pt_shards",
+            "tokenizer": root / "tokenizer", "synth": root / "synth"}

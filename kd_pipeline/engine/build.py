@@ -60,7 +60,8 @@ def _hidden_size(model_cfg: ModelConfig) -> int:
     return llava_config(model_cfg, vocab_size=1, image_token_id=0).text_config.hidden_size
 
 
-def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, vocab_size: int, image_id: int):
+def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, vocab_size: int, image_id: int,
+                 frozen: bool):
     """Construct (or load) a LLaVA model, partitioned at construction when ZeRO-3 is on.
 
     While an ``HfDeepSpeedConfig`` is alive, transformers' ``from_pretrained`` and ``_from_config`` enter
@@ -69,7 +70,7 @@ def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, v
     from kd_pipeline.models import create_model
 
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    model = create_model(model_cfg, vocab_size=vocab_size, image_token_id=image_id, dtype=runtime.dtype)
+    model = create_model(model_cfg, vocab_size=vocab_size, image_token_id=image_id, dtype=runtime.dtype, frozen=frozen)
     del hf_ds_config
     return model
 
@@ -92,7 +93,8 @@ def build_engines(config: Config, runtime: Runtime) -> Engines:
         teacher_hidden = _hidden_size(config.teacher)
         teacher_ds = resolve_ds_config(config, world_size=runtime.world_size, dtype=runtime.dtype,
                                        hidden_size=teacher_hidden, for_teacher=True)
-        teacher_llava = _build_llava(config.teacher, teacher_ds, runtime, vocab_size=vocab_size, image_id=image_id)
+        teacher_llava = _build_llava(config.teacher, teacher_ds, runtime, vocab_size=vocab_size, image_id=image_id,
+                                     frozen=True)
         _check_same_tokenizer(config, teacher_llava, vocab_size)
         teacher_engine, *_ = deepspeed.initialize(model=TeacherModule(teacher_llava), config=teacher_ds)
         teacher_engine.eval()
@@ -100,7 +102,8 @@ def build_engines(config: Config, runtime: Runtime) -> Engines:
 
     student_ds = resolve_ds_config(config, world_size=runtime.world_size, dtype=runtime.dtype,
                                    hidden_size=_hidden_size(config.student))
-    student_llava = _build_llava(config.student, student_ds, runtime, vocab_size=vocab_size, image_id=image_id)
+    student_llava = _build_llava(config.student, student_ds, runtime, vocab_size=vocab_size, image_id=image_id,
+                                 frozen=False)
     student_module = StudentModule(student_llava, teacher_hidden)
     trainable = [p for p in student_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, betas=config.train.adam_betas,
@@ -116,6 +119,20 @@ def build_engines(config: Config, runtime: Runtime) -> Engines:
     return Engines(tokenizer=tokenizer, student=student_engine, optimizer=optimizer, scheduler=scheduler,
                    teacher=teacher_engine, student_ds_config=student_ds, image_token_id=image_id,
                    num_image_tokens=student_tokens, vocab_size=vocab_size)
+
+
+def partition_report(engine) -> dict:
+    """This rank's share of a ZeRO-3 engine's parameters, and whether any carry gradients or optimizer state."""
+    params = list(engine.module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    # A ZeRO-3 engine without an optimizer still holds a parameter-offload manager in `.optimizer`; optimizer
+    # *state* lives in the wrapped torch optimizer of a real ZeRO optimizer.
+    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    state_numel = sum(value.numel() for per_param in getattr(inner, "state", {}).values()
+                      for value in per_param.values() if isinstance(value, torch.Tensor))
+    return {"local_numel": int(local), "full_numel": int(full), "trainable_tensors": sum(p.requires_grad for p in params),
+            "tensors_with_grad": sum(p.grad is not None for p in params), "optimizer_state_numel": int(state_numel)}
 
 
 def _check_same_tokenizer(config: Config, teacher_llava, vocab_size: int) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_prep import synth
 from data_prep.synth_world import SceneObject, draw_objects
+from data_prep.synth_world import box_corners as world_box_corners
 
 # Strict box grammar of the brief, written independently of the generator.
 BOX = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\|<(-?\d{1,2})>\}")
@@ -246,15 +247,15 @@ def test_boxes_cover_the_drawn_objects(world_dir, world):
     assert checked_captions > 30 and checked_references > 30
 
 
-def test_rotation_is_counter_clockwise_on_screen():
-    """theta = +45: the ship's bow half points up-right on the image (y down), not down-right."""
+def test_rotation_is_clockwise_on_screen():
+    """theta = +45: the ship's bow half points down-right on the image (y down), not up-right."""
     background = np.full((100, 100, 3), 90, dtype=np.uint8)
     ship = SceneObject("ship", "red", 20, 46, 80, 54, 45)  # length 60 along x before rotation, centred at (50, 50)
     image = np.asarray(draw_objects(background, [ship]))
     offset = 20 / math.sqrt(2)
     up_right = image[round(50 - offset), round(50 + offset)]
     down_right = image[round(50 + offset), round(50 + offset)]
-    assert tuple(up_right) == (205, 40, 40) and tuple(down_right) == (90, 90, 90)
+    assert tuple(down_right) == (205, 40, 40) and tuple(up_right) == (90, 90, 90)
     assert parse_boxes(ship.box_text) == [(20, 46, 80, 54, 45)]
 
 
@@ -293,9 +294,21 @@ def test_world_json_records_parameters_and_counts(world_dir, world, records):
     assert world["seed"] == 3 and world["image_size"] == 56 and world["num_records"] == 400
     assert len(world["classes"]) >= 8
     assert {kind["name"] for kind in world["object_kinds"]} == set(KIND_PLURALS)
-    assert "counter-clockwise" in world["rotation_convention"]
+    assert "clockwise" in world["rotation_convention"] and "counter" not in world["rotation_convention"]
     assert world["train"]["images"] == len({record["image"] for record in records})
     assert sum(world["train"]["record_types"].values()) == len(records)
+
+
+def test_synth_boxes_agree_with_the_scorer_geometry():
+    """The world that draws the objects and the scorer that grades boxes share one rotation convention."""
+    from kd_pipeline.eval.boxes import box_polygon, parse_boxes as scorer_parse
+
+    for angle in (-60, -5, 0, 30, 90):
+        ship = SceneObject("ship", "red", 20, 40, 70, 52, angle)
+        corners = world_box_corners(20, 40, 70, 52, angle)  # grid units
+        polygon = box_polygon(scorer_parse(ship.box_text)[0], width=100, height=100)
+        assert polygon.equals_exact(type(polygon)(corners), 1e-6) or \
+            polygon.symmetric_difference(type(polygon)(corners)).area < 1e-6, angle
 
 
 def test_cli_refuses_bad_input_and_overwrites_only_when_asked(tmp_path, capsys):
