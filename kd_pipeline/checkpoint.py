@@ -19,7 +19,21 @@ then ``latest`` (both via temp file + rename) -> prunes -> barrier. A crash anyw
 partial folder is never picked up. Pruning keeps ``checkpoint.keep_last`` complete periodic checkpoints and never
 deletes ``best`` or the only complete one.
 
-Pickles are loaded with ``weights_only=True`` (rank files hold tensors and plain types only).
+Failures while saving: an ``OSError`` or a failed ``torch.save`` (torch reports a full disk or an unwritable
+folder as a ``RuntimeError``) on any rank is shared with every rank (all-gather, then a broadcast of rank 0's
+finishing step), so all ranks raise the same ``CheckpointError`` together instead of leaving some in a collective;
+``latest`` still names the previous checkpoint. A leftover folder of the tag being saved (an interrupted or rejected
+earlier save) is deleted first, so no stale shard can be hashed into a new marker.
+
+World-size changes: ``convert_to_universal`` runs DeepSpeed's ``ds_to_universal`` into the sibling folder
+``<tag>_universal``, marked complete the same way (its marker lists every file under it); an unmarked sibling is a
+partial conversion and is redone. Pruning a checkpoint prunes its universal sibling too.
+
+Test hook: ``KD_TEST_KILL_IN_SAVE=<rank>:<step>`` makes that rank send itself SIGKILL right after DeepSpeed's save
+of that step, before its rank file and before any marker (a node lost in the middle of a save).
+
+Pickles are loaded with ``weights_only=True`` (rank files hold tensors and plain types only); the DeepSpeed shards
+are read by DeepSpeed's own loaders.
 """
 
 from __future__ import annotations
@@ -30,6 +44,9 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +57,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+UNIVERSAL_SUFFIX = "_universal"
+KILL_IN_SAVE_ENV = "KD_TEST_KILL_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -87,6 +106,7 @@ def _owned_by_rank(name: str, rank: int) -> bool:
 
 
 def _hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
+    """``names`` are paths relative to ``folder`` (a universal checkpoint has sub-folders)."""
     return {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names}
 
 
@@ -95,51 +115,131 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_gather(value, world_size: int) -> list:
+    if world_size == 1:
+        return [value]
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _broadcast_from_rank0(value, world_size: int):
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_failure(error: Exception, folder: Path) -> str:
+    """What went wrong writing ``folder``, in words an operator can act on; re-raises collective failures (a lost
+    peer is not a disk problem and must surface as what it is)."""
+    if isinstance(error, dist.DistError):
+        raise error
+    if isinstance(error, OSError):
+        detail = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    else:  # torch.save reports I/O failures as RuntimeError with the C++ stream's message
+        detail = f"torch.save failed: {str(error).splitlines()[0][:200]}"
+    try:
+        free = shutil.disk_usage(folder.parent).free / 2**30
+        detail += f"; {free:.2f} GiB free on that filesystem"
+    except OSError:
+        pass
+    return detail
+
+
+def _maybe_kill_for_test(rank: int, step: int) -> None:
+    """The ``KD_TEST_KILL_IN_SAVE`` test hook (see the module docstring)."""
+    target = os.environ.get(KILL_IN_SAVE_ENV, "")
+    if target == f"{rank}:{step}":
+        log.warning("%s=%s: killing rank %d in the middle of the save of step %d", KILL_IN_SAVE_ENV, target, rank,
+                    step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove_checkpoint_folder(folder: Path) -> None:
+    """Delete a checkpoint folder marker first (so a crash half-way leaves an invisible folder) and its universal
+    sibling."""
+    for path in (folder, universal_folder(folder)):
+        if path.is_dir():
+            (path / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path)
+
+
 def save_checkpoint(engine, checkpoint_dir: str | Path, state: TrainerState, *, rank: int, world_size: int,
                     rank_state: dict, config_yaml: str, keep_last: int, loader_states: dict | None = None) -> str:
-    """Save a complete checkpoint at ``state.step`` on every rank; returns its tag.
+    """Save a complete checkpoint at ``state.step`` on every rank; returns its tag. Collective.
 
     ``rank_state`` (tensors and plain types) goes to ``rank_{r}.pt``; ``loader_states`` maps a loader name to this
-    rank's ``state_dict()``, written with ``kd_pipeline.data.save_loader_state``.
+    rank's ``state_dict()``, written with ``kd_pipeline.data.save_loader_state``. Raises ``CheckpointError`` on every
+    rank when any rank failed to write (see the module docstring); the previous checkpoint stays the resume point.
     """
     from kd_pipeline.data import save_loader_state
 
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag_for_step(state.step)
     folder = checkpoint_dir / tag
+    problem = None
+    if rank == 0 and folder.exists():
+        log.warning("removing %s left over from an earlier, interrupted or rejected save of the same step", folder)
+        try:
+            _remove_checkpoint_folder(folder)
+        except OSError as error:
+            problem = _write_failure(error, folder)
+    # Every rank must know before DeepSpeed's save (which holds collectives of its own) whether it goes ahead.
+    problem = _broadcast_from_rank0(problem, world_size)
+    if problem:
+        _raise_save_failure(folder, {0: problem})
+    my_hashes: dict[str, dict] = {}
     try:
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+        _maybe_kill_for_test(rank, state.step)
         torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
         for name, loader_state in (loader_states or {}).items():
             save_loader_state(folder, name, rank, loader_state)
         mine = sorted(p.name for p in folder.iterdir() if p.is_file() and _owned_by_rank(p.name, rank))
         my_hashes = _hash_files(folder, mine)
-    except OSError as error:
-        raise CheckpointError(f"could not write checkpoint {folder}: {error.strerror or error}. The previous "
-                              f"checkpoint is intact; free disk space or fix permissions, then resume") from error
-    gathered: list = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(gathered, my_hashes)
-    else:
-        gathered = [my_hashes]
+    except (OSError, RuntimeError) as error:
+        problem = _write_failure(error, folder)
+    gathered = _all_gather((my_hashes, problem), world_size)
+    failures = {index: message for index, (_, message) in enumerate(gathered) if message}
+    if failures:
+        _raise_save_failure(folder, failures)
+    finish_problem = None
     if rank == 0:
         try:
             (folder / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
             (folder / "config.yaml").write_text(config_yaml)
-            files = {name: entry for hashes in gathered for name, entry in hashes.items()}
+            files = {name: entry for hashes, _ in gathered for name, entry in hashes.items()}
             shared = sorted(p.name for p in folder.iterdir()
                             if p.is_file() and p.name not in files and p.name != MARKER and not p.name.startswith("."))
             files.update(_hash_files(folder, shared))
-            _atomic_write(folder / MARKER, json.dumps({"tag": tag, "step": state.step, "files": files}, indent=1))
+            _write_marker(folder, tag, state.step, files)
             _atomic_write(checkpoint_dir / "latest", tag)
             if state.best_tag:
                 _atomic_write(checkpoint_dir / "best", state.best_tag)
             prune(checkpoint_dir, keep_last=keep_last, protect={state.best_tag} if state.best_tag else set())
         except OSError as error:
-            raise CheckpointError(f"could not finish checkpoint {folder}: {error.strerror or error}. The previous "
-                                  f"checkpoint is intact; free disk space or fix permissions, then resume") from error
-    _barrier()
+            finish_problem = _write_failure(error, folder)
+    # Replaces a final barrier: every rank leaves only after rank 0 finished, and learns whether it succeeded.
+    finish_problem = _broadcast_from_rank0(finish_problem, world_size)
+    if finish_problem:
+        _raise_save_failure(folder, {0: finish_problem})
     return tag
+
+
+def _raise_save_failure(folder: Path, failures: dict[int, str]) -> None:
+    where = "; ".join(f"rank {index}: {message}" for index, message in sorted(failures.items()))
+    latest = folder.parent / "latest"
+    previous = latest.read_text().strip() if latest.is_file() else None
+    raise CheckpointError(
+        f"could not write checkpoint {folder} ({where}). The previous checkpoint "
+        f"{'(' + previous + ') ' if previous else ''}is intact and stays the resume point; free disk space or fix "
+        f"the folder's permissions, then run the same command again to resume")
+
+
+def _write_marker(folder: Path, tag: str, step: int, files: dict[str, dict]) -> None:
+    _atomic_write(folder / MARKER, json.dumps({"tag": tag, "step": step, "files": files}, indent=1))
 
 
 def verify_checkpoint(folder: Path, *, deep: bool = True) -> str | None:
@@ -191,15 +291,21 @@ def find_resume_tag(checkpoint_dir: str | Path) -> str | None:
 
 
 def prune(checkpoint_dir: Path, *, keep_last: int, protect: set[str]) -> None:
-    """Delete old complete checkpoints beyond ``keep_last`` and leftovers of interrupted saves."""
+    """Delete old complete checkpoints beyond ``keep_last``, leftovers of interrupted saves, and the universal
+    siblings of whatever is deleted."""
     complete = complete_tags(checkpoint_dir)
     keep = set(complete[:max(keep_last, 1)]) | protect
     newest = complete[0] if complete else None
-    for path in checkpoint_dir.iterdir():
+    for path in sorted(checkpoint_dir.iterdir()):
         if not path.is_dir() or not TAG_PATTERN.match(path.name) or path.name in keep:
             continue
         if path.name in complete or (newest is not None and path.name < newest):
             log.info("pruning checkpoint %s", path)
+            shutil.rmtree(universal_folder(path), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(checkpoint_dir.glob(f"step_*{UNIVERSAL_SUFFIX}")):
+        if path.is_dir() and not (checkpoint_dir / path.name.removesuffix(UNIVERSAL_SUFFIX)).is_dir():
+            log.info("pruning universal checkpoint %s (its checkpoint is gone)", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -265,3 +371,43 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     if problem:
         raise CheckpointError(f"checkpoint.resume={resume}: {problem}")
     return folder
+
+
+# ----------------------------------------------------------------------------------------------- world-size change
+
+
+def universal_folder(folder: Path) -> Path:
+    """Where the universal form of checkpoint ``folder`` lives: its sibling ``<tag>_universal``."""
+    return folder.with_name(folder.name + UNIVERSAL_SUFFIX)
+
+
+def convert_to_universal(folder: Path) -> Path:
+    """DeepSpeed's ``ds_to_universal`` of ``folder`` into ``<tag>_universal`` (reused when already complete).
+
+    Not collective: rank 0 calls it while the other ranks wait (see ``recipes.common.prepare_resume``). It runs as a
+    subprocess so that its worker pools and memory are gone when training starts; its output goes to
+    ``<tag>_universal.log`` next to the folder. The marker is written last, as for every checkpoint.
+    """
+    target = universal_folder(folder)
+    if target.is_dir() and verify_checkpoint(target) is None:
+        log.info("reusing the universal checkpoint %s", target)
+        return target
+    if target.exists():
+        log.warning("removing the incomplete universal checkpoint %s (an interrupted conversion)", target)
+        shutil.rmtree(target)
+    log_path = target.with_name(target.name + ".log")
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+               "--output_folder", str(target), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    log.info("converting %s to a universal checkpoint: %s", folder, " ".join(command))
+    with open(log_path, "w") as log_file:
+        result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise CheckpointError(f"ds_to_universal failed on {folder} (exit {result.returncode}); last lines of "
+                              f"{log_path}: {' | '.join(tail)}. Resume with the original world size instead "
+                              f"(checkpoint.universal=never), or fix the cause and run again")
+    names = sorted(str(path.relative_to(target)) for path in target.rglob("*") if path.is_file())
+    step = load_trainer_state(folder).step
+    _write_marker(target, target.name, step, _hash_files(target, names))
+    return target

@@ -60,6 +60,7 @@ class TeacherModule(nn.Module):
         self.llava = llava
         self.llava.requires_grad_(False)
         self.head_weight: torch.Tensor | None = None
+        self.forward_count = 0  # ZeRO-3 gathers are collective: every rank must run the same number of forwards
 
     def gather_head(self, vocab_size: int) -> None:
         """Keep a full, persistent copy of the first ``vocab_size`` LM-head rows (padding rows dropped)."""
@@ -72,6 +73,7 @@ class TeacherModule(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, features); a plain tuple so ZeRO-3's hooks can see the tensors (see ``run_teacher``)."""
+        self.forward_count += 1
         return llava_hidden_and_features(self.llava, batch)
 
 

@@ -40,6 +40,21 @@ def agree_on_resume(config: Config, runtime: Runtime) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
+def write_partition_report(engines, output_dir: Path, rank: int) -> None:
+    """``engine_rank{r}.json``: this rank's share of each engine's parameters after training (the test of ZeRO-3
+    partitioning and of a teacher with no gradients and no optimizer reads it; operators can too)."""
+    import json
+
+    from kd_pipeline.engine.build import partition_report
+
+    report = {"student": partition_report(engines.student)}
+    if engines.teacher is not None:
+        report["teacher"] = {**partition_report(engines.teacher),
+                             "forward_count": engines.teacher.module.forward_count}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"engine_rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
 def save(engines, config: Config, runtime: Runtime, state: ckpt.TrainerState, config_yaml: str, *,
          loaders: dict, extra: dict | None = None) -> str:
     """Checkpoint now: RNG states and ``extra`` (tensors/plain types) per rank, every loader's state per rank."""

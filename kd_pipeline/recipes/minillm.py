@@ -35,7 +35,7 @@ import yaml
 
 from kd_pipeline import checkpoint as ckpt
 from kd_pipeline.config import Config, ConfigError, config_to_dict
-from kd_pipeline.data import build_prompt_loader, build_pt_loader, load_loader_state
+from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
@@ -79,7 +79,7 @@ def _sample(engines: Engines, config: Config, runtime: Runtime, prompts: dict, g
         mix_alpha=mix_alpha, max_new_tokens=config.minillm.max_new_tokens,
         eos_token_id=engines.tokenizer.eos_token_id, pad_token_id=engines.tokenizer.pad_token_id,
         temperature=config.minillm.temperature, top_k=config.minillm.top_k, top_p=config.minillm.top_p,
-        generator=generator, sync_ranks=runtime.world_size > 1)
+        generator=generator, sync_ranks=runtime.world_size > 1, banned_token_ids=(engines.image_token_id,))
 
 
 @torch.no_grad()
@@ -158,11 +158,11 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) ->
     import deepspeed
 
     generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed + 7919 * (runtime.rank + 1))
-    batches = iter(val_prompts)
     totals = {"kl_sum": 0.0, "k3_sum": 0.0, "tokens": 0.0, "answers": 0.0}
     head = engines.student.module.head_weight
-    for _ in range(max(config.train.eval_batches, 1)):
-        prompts = to_device(next(batches), runtime.device, runtime.dtype)
+    for prompts in val_prompts:
+        is_padding = bool(prompts.pop("is_padding", False))
+        prompts = to_device(prompts, runtime.device, runtime.dtype)
         engines.student.eval()
         with _gathered(engines, config.minillm.gather_params):
             rollout = _sample(engines, config, runtime, prompts, generator, mix_alpha=0.0)
@@ -174,6 +174,8 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) ->
             kl = fused_token_kl(student_hidden[:, -length - 1:-1], head, teacher.hidden[:, -length - 1:-1],
                                 teacher.head_weight, direction="reverse", mask=rollout.mask.bool(),
                                 chunk_size=config.kd.chunk_size).kl  # (B, T)
+        if is_padding:  # ran only to keep the collective generation and forward counts equal across ranks
+            continue
         log_ratio = (rollout.teacher_logprob - rollout.student_logprob)[rollout.mask.bool()]  # log p/q
         totals["kl_sum"] += float(kl.sum())
         totals["k3_sum"] += float((log_ratio.exp() - 1 - log_ratio).sum())
@@ -221,7 +223,9 @@ def run(config: Config, runtime: Runtime) -> int:
                                         state=load_loader_state(resume_folder, "prompt") if resume_folder else None)
     pt_loader = build_pt_loader(config.data, **loader_kwargs,
                                 state=load_loader_state(resume_folder, "pt") if resume_folder else None)
-    val_prompts = build_prompt_loader(config.data, split="val", **loader_kwargs)
+    val_kwargs = {key: value for key, value in loader_kwargs.items() if key != "seed"}
+    val_prompts = build_eval_prompt_loader(config.data, split="val", max_batches=max(config.train.eval_batches, 1),
+                                           **val_kwargs)
     prompt_batches, pt_batches = iter(prompt_loader), iter(pt_loader)
     generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed * 7 + runtime.rank)
     buffer, round_stats, position = None, {}, 0
@@ -243,6 +247,8 @@ def run(config: Config, runtime: Runtime) -> int:
                             start_step=state.step)
     stopper = StopController(config.run.stop_before_end_minutes)
     exit_code = 0
+    if state.step == 0 and config.train.eval_every:
+        metrics.log(0, evaluate(engines, config, runtime, val_prompts))  # the starting point of the reverse KL
     engines.student.train()
     while state.step < config.train.max_steps:
         step_start = time.perf_counter()

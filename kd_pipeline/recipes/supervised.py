@@ -26,7 +26,8 @@ from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.engine.modules import LossSettings, run_teacher
 from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
 from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController
-from kd_pipeline.recipes.common import agree_on_resume, save, supervised_count, to_device
+from kd_pipeline.recipes.common import (agree_on_resume, save, supervised_count, to_device,
+                                        write_partition_report)
 from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 
 log = logging.getLogger(__name__)
@@ -138,4 +139,5 @@ def run(config: Config, runtime: Runtime) -> int:
             exit_code = RESUME_EXIT_CODE
             break
     metrics.close()
+    write_partition_report(engines, output_dir, runtime.rank)
     return exit_code

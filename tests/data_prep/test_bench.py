@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
+from tests.data_prep.conftest import write_image
 from data_prep import bench
 
 

@@ -6,7 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from conftest import write_image
+from tests.data_prep.conftest import write_image
 from data_prep import pt
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from conftest import png_with_claimed_size, record, write_image
+from tests.data_prep.conftest import png_with_claimed_size, record, write_image
 from data_prep.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, inspect_image_bytes, read_image_file
 from data_prep.records import Box, RecordRejected, parse_boxes, task_kind, validate_record
 

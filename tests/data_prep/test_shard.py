@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import record, write_image
+from tests.data_prep.conftest import record, write_image
 from data_prep import shard
 from data_prep.sharding import FAIL_AFTER_SHARDS_ENV, PROGRESS_DIR
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import record, write_image
+from tests.data_prep.conftest import record, write_image
 from data_prep import __main__ as data_prep_main
 from data_prep import pt, shard, verify
 
