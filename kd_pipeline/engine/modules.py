@@ -27,11 +27,15 @@ def _is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward through vision tower, projector and LLM, without the LM head.
 
     Returns the final hidden states ``(B, L, H)`` and the projector outputs z(x) ``(N_img, T_img, H)`` (paper eq. 4;
-    ``None`` for a text-only batch). ``image_outputs.pooler_output`` is where transformers 5 keeps z(x).
+    ``image_outputs.pooler_output`` is where transformers 5 keeps them). A text-only batch (N_img = 0) still runs
+    the tower and projector on one blank image and returns those features with N_img = 0 rows selected: under
+    ZeRO-3 every rank must gather the same modules in the same order, and a rank whose batch happens to have no
+    image would otherwise skip the tower's collectives and hang its peers (LLaVA runs a dummy image for the same
+    reason). The zero-row slice keeps the graph connected, so the projector gets exact zero gradients.
     """
     core = unwrap_llava(llava)
     pixel_values = batch.get("pixel_values")
@@ -39,16 +43,19 @@ def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tens
         pixel_values = None
     output = core.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         position_ids=batch.get("position_ids"), pixel_values=pixel_values, use_cache=False)
-    features = None
     if output.image_outputs is not None:
-        features = torch.stack(list(output.image_outputs.pooler_output))  # (N_img, T_img, H)
-    return output.last_hidden_state, features
+        return output.last_hidden_state, torch.stack(list(output.image_outputs.pooler_output))  # (N_img, T_img, H)
+    size = core.config.vision_config.image_size
+    blank = output.last_hidden_state.new_zeros(1, 3, size, size)  # (1, 3, S, S)
+    dummy = core.model.get_image_features(pixel_values=blank, vision_feature_layer=core.config.vision_feature_layer,
+                                          vision_feature_select_strategy=core.config.vision_feature_select_strategy)
+    return output.last_hidden_state, torch.stack(list(dummy.pooler_output))[:0]  # (0, T_img, H)
 
 
 @dataclass
 class TeacherOutputs:
     hidden: torch.Tensor                 # (B, L, Ht) final hidden states (or the slice a loss needs)
-    features: torch.Tensor | None        # (N_img, T_img, Ht) projector outputs z_T(x)
+    features: torch.Tensor | None        # (N_img, T_img, Ht) projector outputs z_T(x); N_img may be 0
     head_weight: torch.Tensor            # (V, Ht) LM head, padding rows dropped
 
 
@@ -151,7 +158,7 @@ class StudentModule(nn.Module):
             logits = student_rows.float() @ weight.float().T  # (N_sup, V)
             logprob = torch.log_softmax(logits, dim=-1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
             terms["ce"] = -logprob.sum() / count
-            terms["loss"] = terms["ce"] + self._touch_unused(hidden, features)
+            terms["loss"] = terms["ce"] + features.sum() * 0.0  # text-only batch: zero projector gradients
             return terms
 
         teacher_rows = teacher.hidden[:, :-1][supervised]  # (N_sup, Ht)
@@ -168,7 +175,7 @@ class StudentModule(nn.Module):
         terms["kd"] = temperature ** 2 * kl.sum() / count
         terms["ce"] = -target_logprob.sum() / count
         loss = settings.alpha_kd * terms["kd"] + (1.0 - settings.alpha_kd) * terms["ce"]
-        terms["align"], loss = self._add_alignment(loss, hidden, features, teacher.features, settings.align_weight)
+        terms["align"], loss = self._add_alignment(loss, features, teacher.features, settings.align_weight)
         terms["loss"] = loss
         return terms
 
@@ -197,7 +204,7 @@ class StudentModule(nn.Module):
                                                   rollout["weights"], mask, clip_eps=policy.clip_eps)
         single = single_step_loss(reverse_kl, mask)
         loss = pg_loss + policy.single_step_weight * single
-        align, loss = self._add_alignment(loss, hidden, features, rollout_teacher.features, policy.align_weight)
+        align, loss = self._add_alignment(loss, features, rollout_teacher.features, policy.align_weight)
         terms = {"pg_loss": pg_loss, "single_step_loss": single, "align_loss": align, "clip_frac": clip_frac}
         if pt_batch is not None:
             pt_terms = self.supervised_terms(pt_batch, pt_teacher, pt_settings)
@@ -206,20 +213,13 @@ class StudentModule(nn.Module):
         terms["loss"] = loss
         return terms
 
-    def _add_alignment(self, loss: torch.Tensor, hidden: torch.Tensor, features: torch.Tensor | None,
-                       teacher_features: torch.Tensor | None, align_weight: float):
-        if features is not None and teacher_features is not None:
-            align = alignment_loss(self.feature_map(features), teacher_features)
+    def _add_alignment(self, loss: torch.Tensor, features: torch.Tensor, teacher_features: torch.Tensor | None,
+                       align_weight: float):
+        """Add lambda_align x 1/2||z_T - P(z_S)||^2. With no image rows (a text-only batch) P still runs on the
+        empty features and 0 x its output is added: ZeRO-3 reduces gradients per parameter across ranks, so every
+        rank's P (and projector) must take part, here with exact zero gradients."""
+        mapped = self.feature_map(features)  # (N_img, T_img, Ht)
+        if features.shape[0] and teacher_features is not None and teacher_features.shape[0]:
+            align = alignment_loss(mapped, teacher_features)
             return align, loss + align_weight * align
-        return hidden.new_zeros(()), loss + self._touch_unused(hidden, features)
-
-    def _touch_unused(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """A text-only micro-batch never runs the projector (nor P), but ZeRO-3 reduces gradients per parameter
-        across ranks and every rank must take part: run both on one zero row inside this forward (so ZeRO-3
-        gathers them) and add 0 times the result, which gives them exact zero gradients. LLaVA's own trick."""
-        if features is not None:
-            return hidden.new_zeros(())
-        core = unwrap_llava(self.llava)
-        vision_width = core.config.vision_config.hidden_size
-        dummy = core.model.multi_modal_projector(hidden.new_zeros(1, 1, vision_width))  # (1, 1, Hs)
-        return self.feature_map(dummy).sum() * 0.0
+        return mapped.new_zeros(()), loss + mapped.sum() * 0.0

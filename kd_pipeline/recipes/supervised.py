@@ -25,8 +25,8 @@ from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.engine.modules import LossSettings, run_teacher
 from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController
-from kd_pipeline.recipes.common import (agree_on_resume, save, supervised_count, to_device,
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController, install_failure_report
+from kd_pipeline.recipes.common import (load_resume, prepare_resume, save, supervised_count, to_device,
                                         write_partition_report)
 from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 
@@ -50,9 +50,7 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, eval_loader) ->
     engines.student.eval()
     sums: dict[str, float] = {}
     tokens = 0
-    for index, batch in enumerate(eval_loader):
-        if config.train.eval_batches and index >= config.train.eval_batches:
-            break
+    for batch in eval_loader:  # the same number of batches on every rank (padding batches count 0 tokens)
         batch = to_device(batch, runtime.device, runtime.dtype)
         count = supervised_count(batch)
         terms = loss_terms(engines, batch, config)
@@ -67,18 +65,18 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, eval_loader) ->
 
 def run(config: Config, runtime: Runtime) -> int:
     output_dir = Path(config.run.output_dir)
+    resume = prepare_resume(config, runtime)  # before the engines: their DeepSpeed config follows its choice
+    config = resume.config
     seed_everything(config.run.seed)  # identical model initialisation on every rank
     engines = build_engines(config, runtime)
-    resume_folder = agree_on_resume(config, runtime)
+    resume_folder = resume.folder
     state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=zero_stage(engines.student_ds_config),
                               stage=config.run.stage)
     rank_state = None
     if resume_folder is not None:
-        engines.student.load_checkpoint(str(resume_folder.parent), tag=resume_folder.name,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = ckpt.load_trainer_state(resume_folder)
-        rank_state = ckpt.load_rank_state(resume_folder, runtime.rank)
-        log.info("resumed from %s at step %d", resume_folder, state.step)
+        state, rank_state = load_resume(engines, resume, runtime)
+        log.info("resumed from %s at step %d", resume.engine_folder, state.step)
+    install_failure_report(runtime.rank, state)
 
     loader_kwargs = dict(tokenizer=engines.tokenizer, image_size=config.student.image_size,
                          num_image_tokens=engines.num_image_tokens, micro_batch_size=config.train.micro_batch_size,
@@ -86,7 +84,7 @@ def run(config: Config, runtime: Runtime) -> int:
     train_loader = build_train_loader(config.data, seed=config.run.seed, split="train",
                                       state=load_loader_state(resume_folder, "train") if resume_folder else None,
                                       **loader_kwargs)
-    eval_loader = build_eval_loader(config.data, split="val", **loader_kwargs)
+    eval_loader = build_eval_loader(config.data, split="val", max_batches=config.train.eval_batches, **loader_kwargs)
     batches = iter(train_loader)
     if rank_state is not None:
         restore_rng_state(rank_state["rng"])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kd_pipeline.checkpoint import MARKER, find_resume_tag
+from tests.engine.conftest import STAGE1_STEPS as STEPS
 from tests.engine.launch import final_weights, metrics, train
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=4", "train.eval_every=2", "checkpoint.every_steps=2", "train.lr=3e-3"]
 STEP_FILES = {MARKER, "config.yaml", "trainer_state.json", "rank_00000.pt", "rank_00001.pt",
               "loader_train_rank00000.json", "loader_train_rank00001.json",
               "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
@@ -18,10 +18,8 @@ STEP_FILES = {MARKER, "config.yaml", "trainer_state.json", "rank_00000.pt", "ran
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synth_data, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("stage1_full")
-    train(synth_data, output_dir, STEPS)
-    return output_dir
+def uninterrupted(stage1_run):
+    return stage1_run
 
 
 def test_teacher_partitioned_frozen_without_optimizer_state(uninterrupted):
