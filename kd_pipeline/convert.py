@@ -386,7 +386,10 @@ def hf_to_geochat(src: str | Path, dst: str | Path, vision_tower_name: str | Non
         raise ConversionError(f"{src / 'tokenizer.model'} is missing: GeoChat's slow tokenizer needs the "
                               "SentencePiece model (copy it from the GeoChat or Vicuna folder)")
     config = LlavaConfig.from_pretrained(str(src), local_files_only=True)
-    state = read_state_dict(src, "transformers LLaVA checkpoint")
+    # Loaded through from_pretrained, not read from the files: transformers 5 stores LLaVA under other key names on
+    # disk (language_model.model.*, vision_tower.*) than its modules use, and converts them itself on load.
+    model = LlavaForConditionalGeneration.from_pretrained(str(src), local_files_only=True, dtype="auto")
+    state = model.state_dict()
     with torch.device("meta"):
         template = LlavaForConditionalGeneration(config)
     layout = llava_layout(template)

@@ -268,3 +268,24 @@ def test_hf_side_errors_name_the_missing_or_unexpected_key(geochat_dir, tmp_path
     save_file({**weights, "lm_head.lora_A.default.weight": torch.zeros(2, 2)}, path, metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="unexpected keys.*merge LoRA adapters"):
         hf_to_geochat(tmp_path / "hf", tmp_path / "back")
+
+
+def test_hf_to_geochat_reads_a_save_pretrained_folder(tmp_path, tokenizer, tokenizer_dir):
+    """transformers 5 writes LLaVA keys under other names on disk than its modules use: an exported student
+    (save_pretrained) must still convert, with the LLM weights intact."""
+    from safetensors.torch import load_file
+
+    from kd_pipeline.config import ModelConfig
+    from kd_pipeline.convert import hf_to_geochat
+    from kd_pipeline.models import build_model
+    from kd_pipeline.tokenizer import image_token_id as image_id_of, save_tokenizer
+
+    image_id = image_id_of(tokenizer)
+    model = build_model(ModelConfig(), vocab_size=len(tokenizer), image_token_id=image_id)
+    model.save_pretrained(tmp_path / "hf")
+    save_tokenizer(tokenizer, tmp_path / "hf", tokenizer_dir)
+    out = hf_to_geochat(tmp_path / "hf", tmp_path / "student-geochat")
+    weights = load_file(out / "model.safetensors")
+    layer0 = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], layer0)
+    assert weights["model.embed_tokens.weight"].shape[0] == image_id  # GeoChat's <image> is not a row

@@ -28,24 +28,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import kd_pipeline.losses as losses
-
-if not hasattr(losses, "FeatureProjector"):
-    # Until kd_pipeline.losses exports P and the alignment term (losses brief): the same bias-free map and 1/2 L2.
-    class FeatureProjector(torch.nn.Module):
-        def __init__(self, student_hidden_size, teacher_hidden_size):
-            super().__init__()
-            self.proj = (torch.nn.Identity() if student_hidden_size == teacher_hidden_size
-                         else torch.nn.Linear(student_hidden_size, teacher_hidden_size, bias=False))
-
-        def forward(self, features):
-            return self.proj(features)
-
-    def alignment_loss(student_features, teacher_features, mask=None):
-        return 0.5 * (student_features.float() - teacher_features.float()).pow(2).sum(-1).mean()
-
-    losses.FeatureProjector, losses.alignment_loss = FeatureProjector, alignment_loss
-
 import deepspeed
 from kd_pipeline.checkpoint import TrainerState, save_checkpoint
 from kd_pipeline.config import config_to_dict, load_config

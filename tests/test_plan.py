@@ -7,30 +7,10 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
 from torch import nn
 
+from kd_pipeline.losses import FeatureProjector
+
 from kd_pipeline.config import load_config
 from kd_pipeline.plan import main
-
-
-class _BiasFreeProjector(nn.Module):
-    """P as the losses brief specifies it: Linear(H_s -> H_t, bias=False), identity when equal."""
-
-    def __init__(self, student_hidden_size, teacher_hidden_size):
-        super().__init__()
-        self.proj = (nn.Identity() if student_hidden_size == teacher_hidden_size
-                     else nn.Linear(student_hidden_size, teacher_hidden_size, bias=False))
-
-    def forward(self, features):
-        return self.proj(features)
-
-
-@pytest.fixture(autouse=True)
-def feature_projector(monkeypatch):
-    """Until ``kd_pipeline.losses`` exports ``FeatureProjector``, stand in with the specified map."""
-    import kd_pipeline.losses as losses
-
-    if not hasattr(losses, "FeatureProjector"):
-        monkeypatch.setattr(losses, "FeatureProjector", _BiasFreeProjector, raising=False)
-    return losses.FeatureProjector
 
 
 def run_plan(capsys, *argv) -> dict:
@@ -43,7 +23,7 @@ def row(plan: dict, name: str) -> dict:
     return found
 
 
-def real_student_and_teacher(overrides, tokenizer_dir, feature_projector):
+def real_student_and_teacher(overrides, tokenizer_dir):
     """The models training builds (on CPU, real tensors) and their counts, independently of plan.py."""
     from kd_pipeline.models import build_model
     from kd_pipeline.tokenizer import image_token_id, load_tokenizer
@@ -55,7 +35,7 @@ def real_student_and_teacher(overrides, tokenizer_dir, feature_projector):
     teacher = build_model(config.teacher, **sizes)
     parts = [student]
     if config.run.stage != "sft":  # StudentModule adds P only when there is a teacher
-        parts.append(feature_projector(config.student.hidden_size, config.teacher.hidden_size))
+        parts.append(FeatureProjector(config.student.hidden_size, config.teacher.hidden_size))
     student_module = nn.ModuleList(parts)
     total, largest = model_to_params(student_module)  # DeepSpeed's own counting (data_ptr: real tensors)
     trainable = sum(p.numel() for p in student_module.parameters() if p.requires_grad)
@@ -64,12 +44,11 @@ def real_student_and_teacher(overrides, tokenizer_dir, feature_projector):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_tiny_plan_equals_deepspeed_estimator(capsys, tokenizer_dir, feature_projector, lora):
+def test_tiny_plan_equals_deepspeed_estimator(capsys, tokenizer_dir, lora):
     overrides = [f"data.tokenizer={tokenizer_dir}", f"student.lora={str(lora).lower()}", "student.lora_r=4",
                  "data.max_length=32", "student.attn_implementation=eager"]
     plan = run_plan(capsys, *overrides, "--world-size", "2")
-    config, total, trainable, largest, teacher_total = real_student_and_teacher(overrides, tokenizer_dir,
-                                                                                feature_projector)
+    config, total, trainable, largest, teacher_total = real_student_and_teacher(overrides, tokenizer_dir)
     assert (plan["student"]["total"], plan["student"]["trainable"], plan["student"]["largest_layer"]) == \
         (total, trainable, largest)
     assert (trainable < total / 2) if lora else (trainable > total / 2)
@@ -91,11 +70,11 @@ def test_tiny_plan_equals_deepspeed_estimator(capsys, tokenizer_dir, feature_pro
     assert plan["total"]["gpu"] == sum(r["gpu"] for r in plan["rows"])
 
 
-def test_offload_config_reaches_the_estimator(capsys, tokenizer_dir, feature_projector):
+def test_offload_config_reaches_the_estimator(capsys, tokenizer_dir):
     overrides = [f"data.tokenizer={tokenizer_dir}", "deepspeed.config=ds_configs/zero3_offload.json",
                  "deepspeed.offload_teacher_params=true", "run.stage=sft"]
     plan = run_plan(capsys, *overrides, "--world-size", "4", "--gpus-per-node", "2")
-    _, total, trainable, largest, _ = real_student_and_teacher(overrides, tokenizer_dir, feature_projector)
+    _, total, trainable, largest, _ = real_student_and_teacher(overrides, tokenizer_dir)
     assert plan["student_zero"] == {"stage": 3, "offload_optimizer": True, "offload_param": True}
     assert plan["teacher"] is None and plan["num_nodes"] == 2
     assert (plan["student"]["total"], plan["student"]["trainable"]) == (total, trainable)
