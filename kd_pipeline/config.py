@@ -45,6 +45,8 @@ class RunConfig:
     """Stage 2 start point: a stage-1 output folder (its `best` checkpoint is used) or a checkpoint path."""
     stop_before_end_minutes: float = 0.0
     """Under Slurm, save and exit this many minutes before the job's end time (0 disables)."""
+    stop_at_step: int = 0
+    """Save and exit with code 75 (resumable) after this optimizer step, keeping the schedule of max_steps (0: off)."""
     log_every: int = 1
     """Write a metrics.jsonl line every this many optimizer steps."""
 

@@ -283,7 +283,8 @@ def run(config: Config, runtime: Runtime) -> int:
             metrics.log(state.step, record)
         metrics.progress(state.step, {k: v for k, v in record.items()
                                       if k in ("loss", "pg_loss", "single_step_loss", "pt_loss", "reward", "val_loss")})
-        stop = stopper.should_stop()
+        # The step limit is the same on every rank (config), so it needs no agreement; signals do.
+        stop = stopper.should_stop() or (config.run.stop_at_step > 0 and state.step >= config.run.stop_at_step)
         if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.max_steps or stop or is_best:
             cpu_buffer = None if buffer is None else [
                 {key: (value.cpu() if isinstance(value, torch.Tensor) else value) for key, value in entry.items()}

@@ -130,7 +130,8 @@ def run(config: Config, runtime: Runtime) -> int:
             metrics.log(step, record)
         metrics.progress(step, {k: v for k, v in record.items() if k in ("loss", "ce", "kd", "align", "val_loss",
                                                                         "tokens_per_s", "data_wait_frac")})
-        stop = stopper.should_stop()
+        # The step limit is the same on every rank (config), so it needs no agreement; signals do.
+        stop = stopper.should_stop() or (config.run.stop_at_step > 0 and step >= config.run.stop_at_step)
         if (step % config.checkpoint.every_steps == 0 or step == config.train.max_steps or stop or is_best):
             save(engines, config, runtime, state, config_yaml, loaders={"train": train_loader})
         if stop:

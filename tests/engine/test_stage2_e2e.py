@@ -12,15 +12,15 @@ pytestmark = pytest.mark.slow
 STEPS = ["train.eval_every=4", "checkpoint.every_steps=2", "train.lr=1e-3"]
 
 
-def _stage2(synth_data, stage1_run, output_dir, max_steps):
-    return train(synth_data, output_dir, [f"train.max_steps={max_steps}", f"run.init_from={stage1_run}", *STEPS],
-                 config="tiny_cpu_stage2.yaml")
+def _stage2(synth_data, stage1_run, output_dir, *extra, check=True):
+    return train(synth_data, output_dir, ["train.max_steps=8", f"run.init_from={stage1_run}", *STEPS, *extra],
+                 config="tiny_cpu_stage2.yaml", check=check)
 
 
 @pytest.fixture(scope="module")
 def stage2_run(synth_data, stage1_run, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("stage2_full")
-    _stage2(synth_data, stage1_run, output_dir, 8)
+    _stage2(synth_data, stage1_run, output_dir)
     return output_dir
 
 
@@ -44,8 +44,9 @@ def test_reverse_kl_on_held_out_prompts_goes_down(stage2_run):
 
 
 def test_mid_round_resume_gives_identical_losses(stage2_run, synth_data, stage1_run, tmp_path):
-    _stage2(synth_data, stage1_run, tmp_path, 6)
-    _stage2(synth_data, stage1_run, tmp_path, 8)
+    stopped = _stage2(synth_data, stage1_run, tmp_path, "run.stop_at_step=6", check=False)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    _stage2(synth_data, stage1_run, tmp_path)
     expected, resumed = metrics(stage2_run), metrics(tmp_path)
     assert [line["step"] for line in resumed] == [line["step"] for line in expected]
     for want, got in zip(expected, resumed):
