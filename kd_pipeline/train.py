@@ -10,8 +10,11 @@ Runbook (the same entry point under every launcher):
     # a Slurm cluster
     sbatch launch/slurm_distill.sh configs/geochat_13b_to_7b.yaml
 
-Exit codes: 0 finished; 75 stopped early on a signal or the job's end time after saving (resume me: run the same
-command again); 2 bad configuration or input (one clear line on stderr); anything else is a crash.
+Exit codes: 0 finished; 75 stopped early on a signal, the job's end time or ``run.stop_at_step``, after saving
+(resume me: run the same command again); 2 bad configuration or input (one clear line on stderr); anything else is
+a crash. torchrun reports any non-zero worker exit as its own exit code 1, so rank 0 also writes
+``{run.output_dir}/run_status.json`` (``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for
+launchers to read.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _write_status(config, exit_code: int) -> None:
+    import json
+    from pathlib import Path
+
+    from kd_pipeline.engine.stopping import RESUME_EXIT_CODE
+
+    latest = Path(config.run.output_dir) / "checkpoints" / "latest"
+    status = {"status": "stopped_early" if exit_code == RESUME_EXIT_CODE else "finished", "exit_code": exit_code,
+              "checkpoint": latest.read_text().strip() if latest.is_file() else None}
+    (Path(config.run.output_dir) / "run_status.json").write_text(json.dumps(status, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -53,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             from kd_pipeline.recipes import minillm as recipe
         else:
             from kd_pipeline.recipes import supervised as recipe
-        return recipe.run(config, runtime)
+        exit_code = recipe.run(config, runtime)
+        if runtime.is_main:
+            _write_status(config, exit_code)
+        return exit_code
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)

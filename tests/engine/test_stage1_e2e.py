@@ -53,7 +53,8 @@ def test_metrics_and_checkpoint_layout(uninterrupted):
 
 def test_resume_gives_identical_losses_and_weights(uninterrupted, synth_data, tmp_path):
     stopped = train(synth_data, tmp_path, [*STEPS, "run.stop_at_step=2"], check=False)
-    assert stopped.returncode == 75, stopped.stderr[-3000:]  # "stopped early, resume me"
+    assert stopped.returncode != 0 and "exitcode: 75" in stopped.stderr  # torchrun relays a worker's 75 as 1
+    assert json.loads((tmp_path / "run_status.json").read_text())["status"] == "stopped_early"
     train(synth_data, tmp_path, STEPS)
     expected, resumed = metrics(uninterrupted), metrics(tmp_path)
     assert [line["step"] for line in resumed] == [1, 2, 3, 4]

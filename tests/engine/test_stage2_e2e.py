@@ -45,7 +45,8 @@ def test_reverse_kl_on_held_out_prompts_goes_down(stage2_run):
 
 def test_mid_round_resume_gives_identical_losses(stage2_run, synth_data, stage1_run, tmp_path):
     stopped = _stage2(synth_data, stage1_run, tmp_path, "run.stop_at_step=6", check=False)
-    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "exitcode: 75" in stopped.stderr  # torchrun relays a worker's 75 as 1
+    assert json.loads((tmp_path / "run_status.json").read_text())["status"] == "stopped_early"
     _stage2(synth_data, stage1_run, tmp_path)
     expected, resumed = metrics(stage2_run), metrics(tmp_path)
     assert [line["step"] for line in resumed] == [line["step"] for line in expected]
