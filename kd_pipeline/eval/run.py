@@ -49,8 +49,8 @@ import torch
 from tqdm import tqdm
 
 from kd_pipeline.eval.captioning import score_region_captioning
-from kd_pipeline.eval.generate import (EvalImageError, free_eval_model, generate_answers, load_eval_model, load_pixels,
-                                       select_device)
+from kd_pipeline.eval.generate import (EvalImageError, encode_question, free_eval_model, generate_answers, left_pad,
+                                       load_eval_model, load_pixels, select_device)
 from kd_pipeline.eval.images import image_size_lookup
 from kd_pipeline.eval.records import read_jsonl
 from kd_pipeline.eval.referring import score_referring
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CUDA + bf16 when available, else CPU + fp32")
     parser.add_argument("--no-meteor", action="store_true", help="region_captioning: skip METEOR (reported as null)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="Table 8: skip the measured generation latency (parameters and FLOPs are still reported)")
     parser.add_argument("--no-paper", action="store_true", help="leave the paper's columns out of report.md")
     return parser
 
@@ -374,6 +376,10 @@ def summary_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str
     lines = [f"{'model':<24}{'task':<20}{'n':>6}  metrics (%)"]
     for name, tasks in results.items():
         for task, metrics in tasks.items():
+            if task == "efficiency":
+                lines.append(f"{name:<24}{task:<20}{'':>6}  params (paper) {metrics['params_paper'] / 1e6:.2f} M, "
+                             f"generation {metrics.get('tokens_per_s', 0):.1f} tokens/s")
+                continue
             if "error" in metrics:
                 lines.append(f"{name:<24}{task:<20}{'-':>6}  error: {metrics['error']}")
                 continue
@@ -381,6 +387,34 @@ def summary_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str
                       for key in HEADLINE_METRICS[SCORER_OF_TASK[task]]]
             lines.append(f"{name:<24}{task:<20}{metrics['n']:>6}  " + ", ".join(values))
     return "\n".join(lines)
+
+
+EFFICIENCY_TEXT_TOKENS = 64  # the stated input of Table 8's forward: one image + 64 text tokens
+LATENCY_NEW_TOKENS = 16
+
+
+def model_efficiency(model_dir: Path, options: argparse.Namespace) -> dict[str, Any]:
+    """Table 8 for one model: parameters (paper's way and total), forward FLOPs of one image + 64 text tokens
+    (analytic, cross-checked against FlopCounterMode in the tests), and measured greedy-generation latency."""
+    from kd_pipeline.eval.efficiency import efficiency_metrics, measure_generation
+
+    device, dtype = select_device(options.device)
+    eval_model = load_eval_model(model_dir, device, dtype)
+    try:
+        metrics = efficiency_metrics(eval_model.model, eval_model.model.config, EFFICIENCY_TEXT_TOKENS)
+        if not options.no_latency:
+            ids = encode_question("Describe the image in detail", eval_model.tokenizer, eval_model.image_token_id,
+                                  eval_model.num_image_tokens)
+            input_ids, attention_mask = left_pad([ids])
+            size = eval_model.image_size
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                      "pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=dtype)}
+            timing = measure_generation(eval_model.model, inputs, LATENCY_NEW_TOKENS)
+            metrics.update(latency_s=timing.latency_s, tokens_per_s=timing.tokens_per_s,
+                           latency_note=f"{LATENCY_NEW_TOKENS} greedy tokens, batch 1, {device.type} {dtype}")
+    finally:
+        free_eval_model(eval_model)
+    return metrics
 
 
 def score_and_report(models: Mapping[str, Path], questions_by_task: Mapping[str, list[dict[str, Any]]],
@@ -406,6 +440,8 @@ def score_and_report(models: Mapping[str, Path], questions_by_task: Mapping[str,
                 continue
             if task == "referring":
                 grounding_records[name] = records
+    for name, model_dir in models.items():  # rank 0 only (see main)
+        results[name]["efficiency"] = model_efficiency(model_dir, options)
     try:
         written = write_report(results, options.out, include_paper=not options.no_paper,
                                grounding_records=grounding_records or None, image_dir=image_dir)

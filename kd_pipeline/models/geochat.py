@@ -140,14 +140,21 @@ def load_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, de
         attn_implementation=select_attn_implementation(model_cfg.attn_implementation))
     if device is not None:
         model = model.to(device)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: 0 under ZeRO-3 partitioning
     if vocab_size is not None and vocab_size != rows:
         raise ModelError(f"{path} has {rows} embedding rows but the tokenizer has {vocab_size} tokens: "
                          "use the tokenizer saved with this checkpoint")
     if image_token_id is not None and image_token_id != model.config.image_token_id:
         raise ModelError(f"{path} uses image token id {model.config.image_token_id} but the tokenizer's <image> is "
                          f"{image_token_id}: use the tokenizer saved with this checkpoint")
-    if resize_vision_tower(model.get_submodule(llava_layout(model).vision_tower), model_cfg.image_size):
+    stored_size = model.config.vision_config.image_size
+    if stored_size != model_cfg.image_size and any(hasattr(p, "ds_id") for p in model.parameters()):
+        # Re-creating the position table needs the full table, which ZeRO-3 has partitioned at load.
+        raise ModelError(f"{path} stores its vision tower at {stored_size} px but {model_cfg.image_size} px was asked "
+                         "for: convert it once on CPU first (python -m kd_pipeline.convert geochat-to-hf "
+                         f"--image-size {model_cfg.image_size}, or load and save_pretrained it at that size)")
+    if stored_size != model_cfg.image_size and resize_vision_tower(
+            model.get_submodule(llava_layout(model).vision_tower), model_cfg.image_size):
         model.config.vision_config.image_size = model_cfg.image_size
         model.config.image_seq_length = num_image_tokens(model_cfg)
     return prepare_model(model, model_cfg, frozen=frozen)

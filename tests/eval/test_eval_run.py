@@ -90,7 +90,8 @@ def one_torch_thread():
 def run_eval(model_dir: Path, data_dir: Path, out_dir: Path, *extra: str) -> int:
     """The real command line: ``python -m kd_pipeline.eval run ...``."""
     return eval_cli(["run", "--model", f"tiny={model_dir}", "--data", str(data_dir), "--out", str(out_dir),
-                     "--batch-size", "3", "--max-new-tokens", "4", "--no-meteor", "--device", "cpu", *extra])
+                     "--batch-size", "3", "--max-new-tokens", "4", "--no-meteor", "--device", "cpu", "--no-latency",
+                     *extra])
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,19 @@ def complete_run(model_dir, data_dir, tmp_path_factory) -> tuple[Path, list[int]
         generated = count_generated_rows(monkeypatch)
         assert run_eval(model_dir, data_dir, out_dir) == 0
     return out_dir, generated
+
+
+def test_efficiency_row_counts_the_model_itself(complete_run, model_dir):
+    """Table 8 for the evaluated model: parameters against an independent count of the saved model."""
+    from transformers import LlavaForConditionalGeneration
+
+    out_dir, _ = complete_run
+    efficiency = json.loads((out_dir / "results.json").read_text())["tiny"]["efficiency"]
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    assert efficiency["params_total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < efficiency["params_paper"] < efficiency["params_total"]
+    assert efficiency["flops_forward_matmul"] > 2 * efficiency["params_paper"]  # >= 2 FLOPs/param/token
+    assert "latency_s" not in efficiency  # --no-latency
 
 
 # ----------------------------------------------------------------------------------------------------- pieces
@@ -235,7 +249,7 @@ def test_run_writes_answers_results_and_report(data_dir, complete_run):
         f"{task}.jsonl" for task in BENCH_SOURCES)
 
     results = json.loads((out_dir / "results.json").read_text())["tiny"]
-    assert set(results) == set(BENCH_SOURCES)
+    assert set(results) == set(BENCH_SOURCES) | {"efficiency"}
     assert all(results[task]["n"] == QUESTIONS_PER_TASK for task in BENCH_SOURCES)
     # GeoChat's scene rule, written out independently of the scorer.
     aid_answers = read_lines(out_dir / "answers" / "tiny" / "aid.jsonl")
@@ -274,7 +288,7 @@ def test_rank_parts_merge_into_the_single_process_answers(model_dir, data_dir, t
     single_dir, ranks_dir = complete_run[0], tmp_path / "ranks"
     options = run.build_parser().parse_args(["--model", f"tiny={model_dir}", "--data", str(data_dir), "--out",
                                              str(ranks_dir), "--batch-size", "2", "--max-new-tokens", "4",
-                                             "--device", "cpu", "--no-meteor"])
+                                             "--device", "cpu", "--no-meteor", "--no-latency"])
     models = run.parse_models(options.model)
     questions = {task: run.load_questions(data_dir, task, None) for task in ("hrben", "referring")}
     ranks = [run.Dist(rank=rank, world_size=2, local_rank=0) for rank in range(2)]
