@@ -13,14 +13,13 @@ loader, not here. ``width`` and ``height`` are the stored size (before any EXIF 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
-import warnings
 from dataclasses import dataclass
-from typing import Iterator
 
 from PIL import Image
+
+from kd_pipeline.data.images import pil_pixel_limit
 
 # PIL raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (2 x 89,478,485); the same number is our default.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -62,23 +61,6 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
-@contextlib.contextmanager
-def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Make PIL's own bomb check agree with ``max_pixels`` while one image is opened.
-
-    PIL compares against a module-level global; without this a user limit above PIL's default would still be
-    refused by PIL with its own message. Our explicit header check below stays the one that decides.
-    """
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
-
-
 def _describe(error: Exception) -> str:
     """Error text without object addresses, so that rejects.jsonl is the same in every run."""
     return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
@@ -90,7 +72,7 @@ def inspect_image_bytes(image_bytes: bytes, max_pixels: int, name: str = "image"
     Raises ImageRejected with reason ``too_many_pixels`` (header size above ``max_pixels``) or
     ``unreadable_image`` (unknown or unsupported format, corrupt or truncated data).
     """
-    with _pil_pixel_limit(max_pixels):
+    with pil_pixel_limit(max_pixels):
         try:
             # formats= keeps PIL's rarer (and less hardened) plugins away from untrusted bytes.
             image = Image.open(io.BytesIO(image_bytes), formats=_OPENERS)

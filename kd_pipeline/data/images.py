@@ -49,7 +49,7 @@ class ImageError(ValueError):
 
 
 @contextlib.contextmanager
-def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+def pil_pixel_limit(max_pixels: int) -> Iterator[None]:
     """Make PIL's global bomb limit agree with ``max_pixels`` for one open; our explicit check decides.
 
     PIL refuses images above twice its module-level ``MAX_IMAGE_PIXELS`` on its own, so a user limit above PIL's
@@ -67,7 +67,7 @@ def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
 
 def open_image(image_bytes: bytes, *, max_pixels: int) -> Image.Image:
     """Decode image bytes after checking the header's pixel count; raises ImageError (never returns a half image)."""
-    with _pil_pixel_limit(max_pixels):
+    with pil_pixel_limit(max_pixels):
         try:
             image = Image.open(io.BytesIO(image_bytes), formats=list(ALLOWED_FORMATS))
         except Image.DecompressionBombError as error:

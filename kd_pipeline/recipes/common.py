@@ -165,6 +165,25 @@ def write_partition_report(engines, output_dir: Path, rank: int) -> None:
     (output_dir / f"engine_rank{rank}.json").write_text(json.dumps(report, indent=1))
 
 
+def start_outputs(config: Config, runtime: Runtime, start_step: int):
+    """Write the resolved config beside the outputs and open metrics and the stop controller.
+    Returns (config_yaml, MetricsLogger, StopController)."""
+    import yaml
+
+    from kd_pipeline.config import config_to_dict
+    from kd_pipeline.engine.metrics import MetricsLogger
+    from kd_pipeline.engine.stopping import StopController
+
+    output_dir = Path(config.run.output_dir)
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_yaml)
+    metrics = MetricsLogger(output_dir, enabled=runtime.is_main, total_steps=config.train.max_steps,
+                            start_step=start_step)
+    return config_yaml, metrics, StopController(config.run.stop_before_end_minutes)
+
+
 def save(engines, config: Config, runtime: Runtime, state: ckpt.TrainerState, config_yaml: str, *,
          loaders: dict, extra: dict | None = None) -> str:
     """Checkpoint now: RNG states and ``extra`` (tensors/plain types) per rank, every loader's state per rank."""

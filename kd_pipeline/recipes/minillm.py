@@ -31,20 +31,19 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from kd_pipeline import checkpoint as ckpt
-from kd_pipeline.config import Config, ConfigError, config_to_dict
+from kd_pipeline.config import Config, ConfigError
 from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
-from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
+from kd_pipeline.engine.metrics import reduce_mean, reduce_sum
 from kd_pipeline.engine.modules import (LossSettings, PolicySettings, TeacherOutputs, llava_hidden_and_features,
                                         run_teacher)
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE
 from kd_pipeline.losses import fused_token_kl
 from kd_pipeline.losses.minillm import importance_weights, long_term_advantages, token_rewards, whiten
-from kd_pipeline.recipes.common import agree_on_resume, save, to_device, write_partition_report
+from kd_pipeline.recipes.common import agree_on_resume, save, start_outputs, to_device, write_partition_report
 from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 from kd_pipeline.sampling import gathered_for_decoding, sample_mixed
 
@@ -239,13 +238,7 @@ def run(config: Config, runtime: Runtime) -> int:
     else:
         seed_everything(config.run.seed + runtime.rank)
 
-    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    if runtime.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config_yaml)
-    metrics = MetricsLogger(output_dir, enabled=runtime.is_main, total_steps=config.train.max_steps,
-                            start_step=state.step)
-    stopper = StopController(config.run.stop_before_end_minutes)
+    config_yaml, metrics, stopper = start_outputs(config, runtime, state.step)
     exit_code = 0
     if state.step == 0 and config.train.eval_every:
         metrics.log(0, evaluate(engines, config, runtime, val_prompts))  # the starting point of the reverse KL

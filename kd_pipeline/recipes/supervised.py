@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from kd_pipeline import checkpoint as ckpt
-from kd_pipeline.config import Config, config_to_dict
+from kd_pipeline.config import Config
 from kd_pipeline.data import build_eval_loader, build_train_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.engine.modules import LossSettings, run_teacher
-from kd_pipeline.engine.metrics import MetricsLogger, reduce_mean, reduce_sum
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController, install_failure_report
-from kd_pipeline.recipes.common import (load_resume, prepare_resume, save, supervised_count, to_device,
+from kd_pipeline.engine.metrics import reduce_mean, reduce_sum
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, install_failure_report
+from kd_pipeline.recipes.common import (start_outputs, load_resume, prepare_resume, save, supervised_count, to_device,
                                         write_partition_report)
 from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 
@@ -91,13 +90,7 @@ def run(config: Config, runtime: Runtime) -> int:
     else:
         seed_everything(config.run.seed + runtime.rank)
 
-    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    if runtime.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config_yaml)
-    metrics = MetricsLogger(output_dir, enabled=runtime.is_main, total_steps=config.train.max_steps,
-                            start_step=state.step)
-    stopper = StopController(config.run.stop_before_end_minutes)
+    config_yaml, metrics, stopper = start_outputs(config, runtime, state.step)
     exit_code = 0
     engines.student.train()
     for step in range(state.step + 1, config.train.max_steps + 1):
