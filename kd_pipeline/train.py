@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from kd_pipeline.config import ConfigError, help_text, load_config
 
@@ -51,6 +52,9 @@ def _write_status(config, exit_code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates, once per call: thousands of
+    # identical lines per run that would bury the progress bar and real warnings.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
