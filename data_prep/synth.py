@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.synth_text import (BENCH_SCENE_PROMPT, VQA_SUFFIX, VQA_TYPES, boxes_text, conversation,
+from data_prep.synth_text import (BENCH_SCENE_PROMPT, GROUP_REFER_PROMPT, VQA_SUFFIX, VQA_TYPES, boxes_text, conversation,
                                   corpus_document, referring_expressions, region_caption, vqa_round)
 from data_prep.synth_world import (SCENE_CLASSES, Scene, place_objects, render_scene, size_group_of_area,
                                    world_parameters)
@@ -143,7 +143,12 @@ def referring_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, i
         image_index += 1
         for question_type, expression in chosen[: bench_num - len(rows)]:
             mean_area = float(np.mean([scene.objects[index].area for index in expression.obj_ids]))
-            rows.append({"question_id": len(rows), "image_id": image_id, "question": expression.phrase,
+            # GeoChat's evaluation builds "[refer] Give me the location of <p> " + question + " </p>" for `ref`
+            # but "[grounding]" + question otherwise (no space, no template): the grounding question carries the
+            # rest of the sentence so that the prompt equals the one the training records use.
+            question = (expression.phrase if question_type == "ref" else
+                        GROUP_REFER_PROMPT.format(phrase=expression.phrase)[len("[grounding]"):])
+            rows.append({"question_id": len(rows), "image_id": image_id, "question": question,
                          "type": question_type, "ground_truth": boxes_text(scene, expression.obj_ids),
                          "dataset": "synth", "obj_ids": list(expression.obj_ids),
                          "size_group": size_group_of_area(mean_area)})

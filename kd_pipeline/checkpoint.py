@@ -9,12 +9,15 @@ Layout under ``{run.output_dir}/checkpoints/``::
         trainer_state.json             step, best validation loss, world size, ZeRO stage, stage name
         config.yaml                    the resolved run config
         COMPLETE.json                  written LAST: sha256 and size of every file above
+    step_00000050_universal/           only after a world-size change: the same state in DeepSpeed's universal
+                                       format (``zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt``), own COMPLETE.json
     latest                             text file naming the newest complete tag (written after COMPLETE.json)
     best                               text file naming the tag with the lowest validation loss
 
-Ordering of a save (all ranks): DeepSpeed save without touching its ``latest`` -> each rank writes its rank file and
-hashes the files that carry its rank id -> barrier -> rank 0 hashes the shared files, writes ``COMPLETE.json`` and
-then ``latest`` (both via temp file + rename) -> prunes -> barrier. A crash anywhere before the rename leaves
+Ordering of a save (all ranks): rank 0 deletes a leftover folder of the same tag -> broadcast -> DeepSpeed save
+without touching its ``latest`` -> each rank writes its rank file and hashes the files that carry its rank id ->
+all-gather of the hashes -> rank 0 hashes the shared files, writes ``COMPLETE.json`` and then ``latest`` (both via
+temp file + rename) -> prunes -> broadcast of the outcome. A crash anywhere before the rename leaves
 ``latest`` on the previous checkpoint; ``find_resume_tag`` also refuses any folder without a valid marker, so a
 partial folder is never picked up. Pruning keeps ``checkpoint.keep_last`` complete periodic checkpoints and never
 deletes ``best`` or the only complete one.
@@ -108,11 +111,6 @@ def _owned_by_rank(name: str, rank: int) -> bool:
 def _hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
     """``names`` are paths relative to ``folder`` (a universal checkpoint has sub-folders)."""
     return {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names}
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _all_gather(value, world_size: int) -> list:
@@ -337,25 +335,27 @@ def resolve_init_from(init_from: str) -> Path:
     return path
 
 
-def load_module_weights(engine, folder: Path) -> None:
-    """Load only the module weights of a checkpoint (any world size) into a ZeRO-3 engine: DeepSpeed's own
-    consolidation on every rank, then rank 0's copy into the gathered parameters. Used by stage 2's init_from."""
+def load_module_weights(module: torch.nn.Module, folder: Path) -> None:
+    """Load only the module weights of a checkpoint (written at any world size) into ``module`` BEFORE it is wrapped
+    by ``deepspeed.initialize``: ZeRO-3 keeps fp32 master partitions in its optimizer and would overwrite weights
+    copied in afterwards at the first step. Consolidation is DeepSpeed's own; partitioned (ZeRO-3) parameters are
+    written by rank 0 inside ``GatheredParameters`` and re-partitioned on exit, plain ones on every rank.
+    Used by stage 2's ``run.init_from``."""
     import deepspeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    module = engine.module
     named = dict(module.named_parameters())
     missing = sorted(set(named) - set(state))
     if missing:
         raise CheckpointError(f"{folder} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                               f"it was trained with another architecture or LoRA setting")
-    zero3 = any(hasattr(p, "ds_id") for p in named.values())
-    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0, enabled=zero3):
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            with torch.no_grad():
-                for name, param in named.items():
-                    param.copy_(state[name].to(param.dtype))
+    partitioned = [param for param in named.values() if hasattr(param, "ds_id")]
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
+        for name, param in named.items():
+            if is_rank0 or not hasattr(param, "ds_id"):
+                param.copy_(state[name].to(param.dtype))
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
@@ -407,6 +407,8 @@ def convert_to_universal(folder: Path) -> Path:
         raise CheckpointError(f"ds_to_universal failed on {folder} (exit {result.returncode}); last lines of "
                               f"{log_path}: {' | '.join(tail)}. Resume with the original world size instead "
                               f"(checkpoint.universal=never), or fix the cause and run again")
+    # ds_to_universal also points its own `latest_universal` at the folder; nothing here reads it (tags are explicit).
+    (target.parent / "latest_universal").unlink(missing_ok=True)
     names = sorted(str(path.relative_to(target)) for path in target.rglob("*") if path.is_file())
     step = load_trainer_state(folder).step
     _write_marker(target, target.name, step, _hash_files(target, names))

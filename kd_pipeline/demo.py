@@ -52,8 +52,8 @@ class Scale:
 SCALES = {
     "quick": Scale(records=240, bench=16, teacher_steps=12, student_steps=12, stage1_steps=6, stage2_steps=4,
                    eval_every=6, max_new_tokens=24),
-    "cpu": Scale(records=3000, bench=80, teacher_steps=300, student_steps=300, stage1_steps=150, stage2_steps=40,
-                 eval_every=50),
+    "cpu": Scale(records=2000, bench=50, teacher_steps=240, student_steps=240, stage1_steps=100, stage2_steps=24,
+                 eval_every=40, max_new_tokens=40),
     "gpu": Scale(records=20000, bench=400, teacher_steps=3000, student_steps=3000, stage1_steps=1500,
                  stage2_steps=400, eval_every=250, nproc=1,
                  overrides=("train.micro_batch_size=32",)),
@@ -118,11 +118,17 @@ class Demo:
                                        "--max-shard-samples", str(max(self.scale.records // 16, 20)), "--workers", "2",
                                        "--seed", str(self.seed), "--resume"))
         self._run("data", self._python("data_prep", "verify", str(data / "shards")))
-        self._run("data", self._python("data_prep", "pt", "--text", str(synth / "pt_corpus.txt"), "--out",
-                                       str(data / "pt_shards"), "--max-shard-samples", "40", "--resume"))
+        # D_PT is text the models were pre-trained on (MiniLLM: the teacher's pre-training corpus). Here the only
+        # "pre-training" both models had is the instruction data, so its answers are the corpus.
+        records = json.loads((synth / "instruct.json").read_text())
+        answers = {turn["value"].replace("\n", " ") for record in records for turn in record["conversations"]
+                   if turn["from"] == "gpt"}
+        (data / "pt_text.txt").write_text("".join(line + "\n" for line in sorted(answers)))
+        self._run("data", self._python("data_prep", "pt", "--text", str(data / "pt_text.txt"), "--out",
+                                       str(data / "pt_shards"), "--max-shard-samples", str(max(len(answers) // 8, 20)),
+                                       "--resume"))
         self._run("data", self._python("data_prep", "tokenizer", "--instruct", str(synth / "instruct.json"),
-                                       "--text", str(synth / "pt_corpus.txt"), "--out", str(data / "tokenizer"),
-                                       "--vocab-size", "1000"))
+                                       "--out", str(data / "tokenizer"), "--vocab-size", "1000"))
         for task, source in EVAL_TASKS.items():
             self._run("data", self._python("data_prep", "bench", "--task", task, "--questions",
                                            str(synth / "bench" / f"{source}.jsonl"), "--images",

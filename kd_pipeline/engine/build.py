@@ -75,7 +75,8 @@ def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, v
     return model
 
 
-def build_engines(config: Config, runtime: Runtime) -> Engines:
+def build_engines(config: Config, runtime: Runtime, init_weights: Path | None = None) -> Engines:
+    """``init_weights``: a checkpoint folder whose module weights the student starts from (stage 2's init_from)."""
     import deepspeed
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -105,6 +106,10 @@ def build_engines(config: Config, runtime: Runtime) -> Engines:
     student_llava = _build_llava(config.student, student_ds, runtime, vocab_size=vocab_size, image_id=image_id,
                                  frozen=False)
     student_module = StudentModule(student_llava, teacher_hidden)
+    if init_weights is not None:
+        from kd_pipeline.checkpoint import load_module_weights
+
+        load_module_weights(student_module, init_weights)  # before the optimizer takes its fp32 master copies
     trainable = [p for p in student_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, betas=config.train.adam_betas,
                                   weight_decay=config.train.weight_decay)

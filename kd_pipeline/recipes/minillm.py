@@ -198,8 +198,9 @@ def run(config: Config, runtime: Runtime) -> int:
                           f"micro_batch_size x ppo_epochs), not a multiple of train.grad_accum={config.train.grad_accum}")
     output_dir = Path(config.run.output_dir)
     seed_everything(config.run.seed)
-    engines = build_engines(config, runtime)
     resume_folder = agree_on_resume(config, runtime)
+    init_weights = ckpt.resolve_init_from(config.run.init_from) if config.run.init_from and not resume_folder else None
+    engines = build_engines(config, runtime, init_weights=init_weights)
     state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=zero_stage(engines.student_ds_config),
                               stage=config.run.stage, extra={"round": 0})
     rank_state = None
@@ -209,8 +210,6 @@ def run(config: Config, runtime: Runtime) -> int:
         state = ckpt.load_trainer_state(resume_folder)
         rank_state = ckpt.load_rank_state(resume_folder, runtime.rank)
         log.info("resumed stage 2 from %s at step %d", resume_folder, state.step)
-    elif config.run.init_from:
-        ckpt.load_module_weights(engines.student, ckpt.resolve_init_from(config.run.init_from))
     if not config.data.pt_shards:
         raise ConfigError("run.stage=minillm needs data.pt_shards (a `data_prep pt` folder): the pre-training loss "
                           "is part of the method; set minillm.pt_weight=0 and any folder to run without it")

@@ -192,7 +192,9 @@ def test_bench_files_have_geochat_fields(world_dir, world):
         assert (bench / "images" / f"{row['image_id']}.png").is_file() and row["dataset"] == "synth"
         boxes = parse_boxes(row["ground_truth"])
         assert len(boxes) == len(row["obj_ids"]) and (len(boxes) == 1) == (row["type"] == "ref")
-        assert row["size_group"] in {"small", "medium", "large"} and row["question"].startswith(("the ", "all the "))
+        assert row["size_group"] in {"small", "medium", "large"}
+        assert row["question"].startswith("the ") if row["type"] == "ref" else \
+            row["question"].startswith((" Give me the location of <p> all the ", " Give me the location of <p> the "))
     region_rows = read_jsonl(bench / "region_captioning.jsonl")
     assert len(region_rows) == 200
     for row in region_rows:
@@ -325,3 +327,21 @@ def test_cli_refuses_bad_input_and_overwrites_only_when_asked(tmp_path, capsys):
     assert len(json.loads((out_dir / "instruct.json").read_text())) == 6
     with Image.open(next((out_dir / "bench" / "images").iterdir())) as image:
         assert image.size == (32, 32)
+
+
+def test_bench_grounding_prompts_are_prompts_the_training_data_uses(world_dir):
+    """data_prep bench builds GeoChat's prompts ("[refer] Give me the location of <p> q </p>", "[grounding]" + q):
+    every one of them must be a prompt the synthetic training records teach."""
+    from data_prep.bench import build_prompt
+
+    def template(text: str) -> str:  # the prompt with its phrase abstracted
+        return re.sub(r"<p> .+? </p>", "<p> X </p>", text.replace("<image>", "").strip())
+
+    training_templates = {template(turn["value"]) for record in json.loads((world_dir / "instruct.json").read_text())
+                          for turn in record["conversations"] if turn["from"] == "human"}
+    types = set()
+    for line in (world_dir / "bench" / "referring.jsonl").read_text().splitlines():
+        question = json.loads(line)
+        types.add(question["type"])
+        assert template(build_prompt("referring", question)) in training_templates, build_prompt("referring", question)
+    assert types == {"ref", "grounding"}

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from tests.engine.launch import metrics, train
+from tests.engine.launch import final_weights, metrics, train
 
 pytestmark = pytest.mark.slow
 # A round = 4 rollouts per rank / 2 per micro-batch x 2 PPO epochs = 4 steps; checkpoints every 2 steps fall
@@ -54,3 +55,16 @@ def test_mid_round_resume_gives_identical_losses(stage2_run, synth_data, stage1_
         for key in ("loss", "pg_loss", "single_step_loss", "pt_loss", "align_loss", "reward", "val_loss"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
+
+
+def test_init_from_loads_the_stage1_weights(synth_data, stage1_run, tmp_path):
+    """With a zero learning rate, stage 2's first checkpoint holds exactly stage 1's best weights (P included):
+    the weights must be loaded before ZeRO-3's optimizer takes its fp32 master copies."""
+    train(synth_data, tmp_path, ["train.max_steps=1", "train.lr=0.0", f"run.init_from={stage1_run}",
+                                 "train.eval_every=0", "checkpoint.every_steps=1"], config="tiny_cpu_stage2.yaml")
+    best = (stage1_run / "checkpoints" / "best").read_text().strip()
+    expected = final_weights(stage1_run / "checkpoints" / best)
+    loaded = final_weights(tmp_path / "checkpoints" / "step_00000001")
+    assert expected.keys() == loaded.keys() and any(key.startswith("feature_map.") for key in expected)
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0, msg=name)
