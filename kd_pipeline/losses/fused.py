@@ -23,6 +23,11 @@ Two entry points, because "when are the gradients formed" has two right answers:
   whenever the weights are known in forward (stage 1's tau^2 / count and -1 / count, stage 2's
   single-step and pre-training terms). The per-token values come back detached, for logging.
 
+Measured on this project's 2-core CPU (bench/bench_kd_loss.py, N 4096, H 1024, V 32000, reverse
+KL, process CPU time over two runs on a shared machine): `fused_kl_loss` 0.15x the plain path's
+peak memory at 0.92-1.07x its time, `fused_token_kl` 0.11x the memory at 1.40-1.53x the time (its
+two recomputed GEMMs).
+
 Precision: logits come from fp32 GEMMs (CPU: fp32 operands; CUDA with bf16/fp16 operands:
 `torch.mm(..., out_dtype=torch.float32)`, i.e. fp32 accumulation and output), never from a
 low-precision GEMM cast afterwards (Liger's known 4-23 % gradient error). Logits gradients are
@@ -34,34 +39,36 @@ gives zeros and zero gradients. The teacher side is a constant (no gradient reac
 or teacher_weight) and teacher vocabulary rows past the student's V (padding) are ignored. Student
 and teacher hidden sizes may differ.
 
-The per-row maths has two backends with one contract (`row_stats` / `row_logit_grad`): torch in
-`kd_pipeline.losses.row_maths` (CPU) and Triton kernels in `kd_pipeline.losses.triton_kl` (CUDA),
-the latter imported lazily, only when used.
+This module holds the public API (argument checks, dropping ignored rows, putting results back);
+the autograd Functions live in `kd_pipeline.losses.chunked_autograd`. The per-row maths has two
+backends with one contract (`row_stats` / `row_logit_grad`): torch in `kd_pipeline.losses.row_maths`
+(CPU) and Triton kernels in `kd_pipeline.losses.triton_kl` (CUDA), the latter imported lazily.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from kd_pipeline.losses.chunked_autograd import ChunkSettings, PerTokenKL, WeightedKL
 from kd_pipeline.losses.kl import (
     IGNORE_INDEX,
     check_direction,
     check_temperature,
     check_vocab_sizes,
 )
-from kd_pipeline.losses.row_maths import RowStats
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
-# Tokens per chunk are chosen so one chunk's fp32 logits take about this many bytes (per model):
-# measured on CPU with bench/bench_kd_loss.py, where larger chunks bought no speed, only memory.
-DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Tokens per chunk are chosen so one chunk's fp32 logits take about this many bytes (per model).
+# CPU: measured with bench/bench_kd_loss.py (GEMMs of fewer rows run markedly slower; a few chunk
+# buffers must stay well under the plain path's footprint). CUDA: a starting point for the GPU run.
+DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 
 
 class FusedTokenKL(NamedTuple):
@@ -84,244 +91,22 @@ class FusedKLLoss(NamedTuple):
     """(...) fp32 per-token target log-prob, detached; None without targets."""
 
 
-@dataclass(frozen=True)
-class _ChunkSettings:
-    reverse: bool
-    temperature: float
-    chunk_size: int
-    backend: str  # "torch" or "triton", already resolved
-    grad_enabled: bool  # grad mode at the call (forward itself always runs without it)
-
-
-def _row_maths(backend: str):
-    """The module providing row_stats / row_logit_grad for a resolved backend."""
-    if backend == "triton":
-        from kd_pipeline.losses import triton_kl  # lazy: triton is only needed on this path
-
-        return triton_kl
-    from kd_pipeline.losses import row_maths
-
-    return row_maths
-
-
-def _gemm_operand(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in the dtype its GEMMs run in: CUDA low precision stays (fp32 accumulation via
-    out_dtype), anything else is upcast to fp32 once per call rather than once per chunk."""
-    if weight.is_cuda and weight.dtype in _LOW_PRECISION:
-        return weight
-    return weight.float()
-
-
-def _fp32_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right for 2-D operands, accumulated in and returned as fp32."""
-    if right.is_cuda and right.dtype in _LOW_PRECISION:
-        return torch.mm(left.to(right.dtype), right, out_dtype=torch.float32)
-    return left.float() @ right.float()
-
-
-def _chunks(num_tokens: int, chunk_size: int):
-    for start in range(0, num_tokens, chunk_size):
-        yield slice(start, min(start + chunk_size, num_tokens))
-
-
-def _optional_slice(per_token: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
-    return None if per_token is None else per_token[chunk]
-
-
-class _GradSink:
-    """Receives each chunk's (C, V) logits gradient and contracts it into the student gradients."""
-
-    def __init__(self, student_hidden, student_weight, student_operand, need_hidden, need_weight):
-        self.student_hidden = student_hidden  # (N, Hs)
-        self.student_operand = student_operand  # (V, Hs) in GEMM dtype
-        self.hidden = (
-            torch.zeros(student_hidden.shape, dtype=torch.float32, device=student_hidden.device)
-            if need_hidden
-            else None
-        )  # (N, Hs) fp32
-        self.weight = (
-            torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
-            if need_weight
-            else None
-        )  # (V, Hs) fp32
-
-    def add(self, chunk: slice, grad_logits: torch.Tensor) -> None:
-        if self.hidden is not None:
-            self.hidden[chunk] = _fp32_matmul(grad_logits, self.student_operand)  # (C, Hs)
-        if self.weight is not None:
-            self.weight += _fp32_matmul(grad_logits.T, self.student_hidden[chunk])  # (V, Hs)
-
-
-class _PerTokenKL(torch.autograd.Function):
-    """Per-token (kl, target_logprob) of valid rows; backward recomputes logits chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, settings):
-        # student_hidden (N, Hs), student_weight (V, Hs), teacher_hidden (N, Ht),
-        # teacher_weight (V, Ht) truncated, targets (N,) or None, all rows valid
-        rows = _row_maths(settings.backend)
-        student_operand = _gemm_operand(student_weight)  # (V, Hs)
-        teacher_operand = _gemm_operand(teacher_weight)  # (V, Ht)
-        num_tokens = student_hidden.shape[0]
-        kl = torch.zeros(num_tokens, dtype=torch.float32, device=student_hidden.device)  # (N,)
-        target_logprob = torch.zeros_like(kl)  # (N,)
-        # what backward needs besides kl: logsumexp of z/tau, of t/tau, and of z (targets only)
-        lse = torch.zeros(3, num_tokens, dtype=torch.float32, device=student_hidden.device)
-        for chunk in _chunks(num_tokens, settings.chunk_size):
-            stats = rows.row_stats(
-                _fp32_matmul(student_hidden[chunk], student_operand.T),  # (C, V)
-                _fp32_matmul(teacher_hidden[chunk], teacher_operand.T),  # (C, V)
-                _optional_slice(targets, chunk),
-                reverse=settings.reverse,
-                temperature=settings.temperature,
-            )
-            kl[chunk] = stats.kl
-            lse[0, chunk], lse[1, chunk] = stats.student_lse, stats.teacher_lse
-            if targets is not None:
-                target_logprob[chunk], lse[2, chunk] = stats.target_logprob, stats.raw_student_lse
-        ctx.settings = settings
-        ctx.has_targets = targets is not None
-        ctx.save_for_backward(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            targets if targets is not None else kl.new_empty(0, dtype=torch.long),
-            kl,
-            lse,
-        )
-        ctx.set_materialize_grads(False)
-        return kl, target_logprob
-
-    @staticmethod
-    def backward(ctx, grad_kl, grad_logprob):
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, kl, lse = (
-            ctx.saved_tensors
-        )
-        settings = ctx.settings
-        if not ctx.has_targets:
-            targets = None
-        student_lse, teacher_lse, raw_student_lse = lse  # (N,) each
-        if targets is None:
-            grad_logprob = None
-        if grad_kl is None and grad_logprob is None:
-            return None, None, None, None, None, None
-        grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()  # (N,)
-        grad_logprob = None if grad_logprob is None else grad_logprob.float()  # (N,)
-
-        rows = _row_maths(settings.backend)
-        student_operand = _gemm_operand(student_weight)  # (V, Hs)
-        teacher_operand = _gemm_operand(teacher_weight)  # (V, Ht)
-        sink = _GradSink(
-            student_hidden, student_weight, student_operand, *ctx.needs_input_grad[:2]
-        )
-        for chunk in _chunks(student_hidden.shape[0], settings.chunk_size):
-            stats = RowStats(
-                kl[chunk],
-                student_lse[chunk],
-                teacher_lse[chunk],
-                None,
-                raw_student_lse[chunk] if targets is not None else None,
-            )
-            grad_logits = rows.row_logit_grad(
-                _fp32_matmul(student_hidden[chunk], student_operand.T),  # (C, V)
-                _fp32_matmul(teacher_hidden[chunk], teacher_operand.T),  # (C, V)
-                _optional_slice(targets, chunk),
-                stats,
-                grad_kl[chunk],
-                _optional_slice(grad_logprob, chunk),
-                reverse=settings.reverse,
-                temperature=settings.temperature,
-            )  # (C, V) fp32
-            sink.add(chunk, grad_logits)
-        grad_hidden = None if sink.hidden is None else sink.hidden.to(student_hidden.dtype)
-        grad_weight = None if sink.weight is None else sink.weight.to(student_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-class _WeightedKL(torch.autograd.Function):
-    """Weighted sum of per-token kl and target_logprob; gradients formed inside the forward."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden,  # (N, Hs), valid rows only
-        student_weight,  # (V, Hs)
-        teacher_hidden,  # (N, Ht)
-        teacher_weight,  # (V, Ht), truncated
-        targets,  # (N,) or None
-        kl_weights,  # (N,) fp32
-        logprob_weights,  # (N,) fp32 or None
-        settings,
-    ):
-        rows = _row_maths(settings.backend)
-        student_operand = _gemm_operand(student_weight)  # (V, Hs)
-        teacher_operand = _gemm_operand(teacher_weight)  # (V, Ht)
-        num_tokens = student_hidden.shape[0]
-        # forward runs with grad mode off: whether gradients are wanted was decided by the caller
-        need_hidden = settings.grad_enabled and ctx.needs_input_grad[0]
-        need_weight = settings.grad_enabled and ctx.needs_input_grad[1]
-        sink = _GradSink(student_hidden, student_weight, student_operand, need_hidden, need_weight)
-        kl = torch.zeros(num_tokens, dtype=torch.float32, device=student_hidden.device)  # (N,)
-        target_logprob = torch.zeros_like(kl)  # (N,)
-        for chunk in _chunks(num_tokens, settings.chunk_size):
-            student_logits = _fp32_matmul(student_hidden[chunk], student_operand.T)  # (C, V)
-            teacher_logits = _fp32_matmul(teacher_hidden[chunk], teacher_operand.T)  # (C, V)
-            chunk_targets = _optional_slice(targets, chunk)
-            stats = rows.row_stats(
-                student_logits,
-                teacher_logits,
-                chunk_targets,
-                reverse=settings.reverse,
-                temperature=settings.temperature,
-            )
-            kl[chunk] = stats.kl
-            if targets is not None:
-                target_logprob[chunk] = stats.target_logprob
-            if need_hidden or need_weight:
-                grad_logits = rows.row_logit_grad(
-                    student_logits,
-                    teacher_logits,
-                    chunk_targets,
-                    stats,
-                    kl_weights[chunk],
-                    _optional_slice(logprob_weights, chunk),
-                    reverse=settings.reverse,
-                    temperature=settings.temperature,
-                )  # (C, V) fp32, may reuse student_logits
-                sink.add(chunk, grad_logits)
-        loss = torch.dot(kl_weights, kl)  # ()
-        if logprob_weights is not None:
-            loss = loss + torch.dot(logprob_weights, target_logprob)
-        # Kept as ctx attributes, not saved tensors, so backward can hand them over without a
-        # copy: these gradients are the largest buffers here (the weight's is V x Hs fp32).
-        ctx.stored_grads = (sink.hidden, sink.weight)
-        ctx.grad_dtypes = (student_hidden.dtype, student_weight.dtype)
-        ctx.mark_non_differentiable(kl, target_logprob)
-        return loss, kl, target_logprob
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kl, _grad_logprob):
-        if ctx.stored_grads is None:
-            raise RuntimeError(
-                "fused_kl_loss stores its gradients once: backpropagate through its loss a single "
-                "time (retain_graph is not supported); use fused_token_kl to backpropagate twice"
-            )
-        grads = []
-        for stored, dtype in zip(ctx.stored_grads, ctx.grad_dtypes):
-            grads.append(None if stored is None else stored.mul_(grad_loss).to(dtype))  # in place
-        ctx.stored_grads = None
-        return grads[0], grads[1], None, None, None, None, None, None
-
-
-def default_chunk_size(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so that one chunk's fp32 (tokens x vocab) logits take about chunk_bytes."""
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Tokens per chunk so that one chunk's fp32 (tokens x vocab) logits take about
+    DEFAULT_CHUNK_BYTES of the device type (64 MiB on CPU, 256 MiB on CUDA)."""
+    device_type = torch.device(device).type
+    chunk_bytes = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
     return max(1, chunk_bytes // (4 * vocab_size))
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors; on CPU it runs only in Triton's interpreter "
+            "(TRITON_INTERPRET=1 set before triton is first imported). Use backend='torch' on CPU."
+        )
     if backend != "auto":
         return backend
     if device.type != "cuda":
@@ -422,14 +207,14 @@ def _select_valid_tokens(
     )
 
 
-def _settings(direction, temperature, chunk_size, backend, vocab_size, device) -> _ChunkSettings:
+def _settings(direction, temperature, chunk_size, backend, vocab_size, device) -> ChunkSettings:
     check_direction(direction)
     check_temperature(temperature)
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab_size)
+        chunk_size = default_chunk_size(vocab_size, device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens")
-    return _ChunkSettings(
+    return ChunkSettings(
         reverse=direction == "reverse",
         temperature=float(temperature),
         chunk_size=int(chunk_size),
@@ -462,7 +247,8 @@ def fused_token_kl(
             ignored. The teacher side is treated as a constant.
         direction: "reverse" for KL(q || p) or "forward" for KL(p || q) (p teacher, q student).
         temperature: divides both models' logits in the KL; not used for the target log-prob.
-        chunk_size: tokens per chunk; default `default_chunk_size(V)` (about 32 MiB of logits).
+        chunk_size: tokens per chunk; default `default_chunk_size(V, device)` (64 MiB of fp32
+            logits per model on CPU, 256 MiB on CUDA).
         targets: (...) int64 token ids aligned with the hidden positions (the caller shifts);
             ignore_index marks positions without a target. Given, the student's log-probability of
             each target (temperature 1) is returned too, differentiable, so cross-entropy is
@@ -484,7 +270,7 @@ def fused_token_kl(
     tokens = _select_valid_tokens(
         student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask, ignore_index
     )
-    kl, target_logprob = _PerTokenKL.apply(
+    kl, target_logprob = PerTokenKL.apply(
         tokens.student_hidden,
         student_weight,
         tokens.teacher_hidden,
@@ -528,8 +314,9 @@ def fused_kl_loss(
 
     Returns:
         FusedKLLoss(loss, kl, target_logprob): loss is a differentiable fp32 scalar whose backward
-        only scales gradients stored by the forward (no recompute); kl and target_logprob are the
-        detached per-token values (...) for logging, 0 at ignored positions.
+        only scales gradients stored by the forward (no recompute), and runs once (no
+        retain_graph); kl and target_logprob are the detached per-token values (...) for logging,
+        0 at ignored positions.
     """
     if logprob_weights is not None and targets is None:
         raise ValueError("logprob_weights weigh the log-prob of target tokens: pass targets too")
@@ -551,7 +338,7 @@ def fused_kl_loss(
             )
         return tokens.keep(weights.detach().reshape(-1).float())  # (N_valid,)
 
-    loss, kl, target_logprob = _WeightedKL.apply(
+    loss, kl, target_logprob = WeightedKL.apply(
         tokens.student_hidden,
         student_weight,
         tokens.teacher_hidden,
