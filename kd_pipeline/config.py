@@ -147,8 +147,8 @@ class KDConfig:
     """Weight lambda_align of the projector-feature alignment term 1/2 ||z_T - P(z_S)||^2 (paper eq. 4-5)."""
     fused: bool = True
     """Compute KL terms with the chunked fused kernel (never materialises full-vocabulary logits)."""
-    chunk_size: int = 1024
-    """Tokens per chunk in the fused KL kernel."""
+    chunk_size: int = 0
+    """Tokens per chunk in the fused KL kernel (0: about 64 MiB of fp32 logits per chunk on CPU, 256 MiB on CUDA)."""
 
 
 @dataclass(frozen=True)

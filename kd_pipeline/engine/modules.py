@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kd_pipeline.losses import FeatureProjector, alignment_loss, fused_token_kl, token_kl
+from kd_pipeline.losses import FeatureProjector, alignment_loss, fused_stage1_loss, fused_token_kl, token_kl
 from kd_pipeline.models import unwrap_model as unwrap_llava
 from kd_pipeline.prompts import IGNORE_INDEX
 
@@ -97,7 +97,7 @@ class LossSettings:
     temperature: float = 1.0
     align_weight: float = 0.0
     fused: bool = True
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # tokens per fused-KL chunk; None picks the tuned default
 
 
 @dataclass
@@ -106,7 +106,7 @@ class PolicySettings:
     clip_eps: float = 0.2
     single_step_weight: float = 1.0
     align_weight: float = 0.0
-    chunk_size: int = 1024
+    chunk_size: int | None = None
 
 
 class StudentModule(nn.Module):
@@ -164,17 +164,20 @@ class StudentModule(nn.Module):
         teacher_rows = teacher.hidden[:, :-1][supervised]  # (N_sup, Ht)
         temperature = settings.temperature
         if settings.fused:
-            kl, target_logprob = fused_token_kl(student_rows, weight, teacher_rows, teacher.head_weight,
-                                                direction="forward", temperature=temperature,
-                                                chunk_size=settings.chunk_size, targets=row_targets)
+            # Per-token weights are known here (alpha tau^2 / count on KL, -(1 - alpha) / count on log q), so the
+            # fused loss forms the gradients inside its forward: no logits recomputation in backward.
+            fused = fused_stage1_loss(student_rows, weight, teacher_rows, teacher.head_weight, row_targets,
+                                      temperature=temperature, alpha_kd=settings.alpha_kd, token_count=count,
+                                      chunk_size=settings.chunk_size)
+            terms["kd"], terms["ce"], loss = fused["kd"], fused["ce"], fused["loss"]
         else:
             student_logits = student_rows.float() @ weight.float().T  # (N_sup, V)
             teacher_logits = teacher_rows.float() @ teacher.head_weight.float().T  # (N_sup, Vt)
             kl = token_kl(student_logits, teacher_logits, direction="forward", temperature=temperature)
             target_logprob = torch.log_softmax(student_logits, -1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-        terms["kd"] = temperature ** 2 * kl.sum() / count
-        terms["ce"] = -target_logprob.sum() / count
-        loss = settings.alpha_kd * terms["kd"] + (1.0 - settings.alpha_kd) * terms["ce"]
+            terms["kd"] = temperature ** 2 * kl.sum() / count
+            terms["ce"] = -target_logprob.sum() / count
+            loss = settings.alpha_kd * terms["kd"] + (1.0 - settings.alpha_kd) * terms["ce"]
         terms["align"], loss = self._add_alignment(loss, features, teacher.features, settings.align_weight)
         terms["loss"] = loss
         return terms
@@ -190,7 +193,7 @@ class StudentModule(nn.Module):
         ``advantages``, ``weights``. ``rollout_teacher.hidden`` is the teacher's (B, T, Ht) at the positions that
         predict the response tokens (cached once per rollout round).
         """
-        from kd_pipeline.losses.minillm import policy_gradient_loss, pretrain_loss, single_step_loss
+        from kd_pipeline.losses.minillm import policy_gradient_loss, single_step_loss
 
         hidden, features = llava_hidden_and_features(self.llava, rollout)  # (B, P+T, Hs)
         response = rollout["response_tokens"]  # (B, T)
@@ -207,8 +210,9 @@ class StudentModule(nn.Module):
         align, loss = self._add_alignment(loss, features, rollout_teacher.features, policy.align_weight)
         terms = {"pg_loss": pg_loss, "single_step_loss": single, "align_loss": align, "clip_frac": clip_frac}
         if pt_batch is not None:
-            pt_terms = self.supervised_terms(pt_batch, pt_teacher, pt_settings)
-            terms["pt_loss"] = pretrain_loss(pt_terms["ce"], pt_terms["kd"], pt_settings.alpha_kd)
+            # supervised_terms with alpha_kd = kd_ratio and tau = 1 is exactly (1 - kd_ratio) LM + kd_ratio KD
+            # (MiniLLM's PT loss); its "loss" carries the gradient (the fused path returns kd/ce detached).
+            terms["pt_loss"] = self.supervised_terms(pt_batch, pt_teacher, pt_settings)["loss"]
             loss = loss + pt_weight * terms["pt_loss"]
         terms["loss"] = loss
         return terms

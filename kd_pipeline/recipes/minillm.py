@@ -144,9 +144,9 @@ def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict |
     return engines.student(
         mode="minillm", rollout=entry, rollout_teacher=rollout_teacher, pt_batch=pt_batch, pt_teacher=pt_teacher,
         policy=PolicySettings(clip_eps=settings.clip_eps, single_step_weight=settings.single_step_weight,
-                              align_weight=config.kd.align_weight, chunk_size=config.kd.chunk_size),
+                              align_weight=config.kd.align_weight, chunk_size=config.kd.chunk_size or None),
         pt_settings=LossSettings(alpha_kd=settings.kd_ratio, temperature=1.0, align_weight=0.0, fused=config.kd.fused,
-                                 chunk_size=config.kd.chunk_size),
+                                 chunk_size=config.kd.chunk_size or None),
         pt_weight=settings.pt_weight)
 
 
@@ -172,7 +172,7 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) ->
         with deepspeed.zero.GatheredParameters([head], enabled=hasattr(head, "ds_id")):
             kl = fused_token_kl(student_hidden[:, -length - 1:-1], head, teacher.hidden[:, -length - 1:-1],
                                 teacher.head_weight, direction="reverse", mask=rollout.mask.bool(),
-                                chunk_size=config.kd.chunk_size).kl  # (B, T)
+                                chunk_size=config.kd.chunk_size or None).kl  # (B, T)
         if is_padding:  # ran only to keep the collective generation and forward counts equal across ranks
             continue
         log_ratio = (rollout.teacher_logprob - rollout.student_logprob)[rollout.mask.bool()]  # log p/q

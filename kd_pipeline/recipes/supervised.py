@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def stage1_settings(config: Config) -> LossSettings:
     return LossSettings(alpha_kd=config.kd.alpha_kd, temperature=config.kd.temperature,
-                        align_weight=config.kd.align_weight, fused=config.kd.fused, chunk_size=config.kd.chunk_size)
+                        align_weight=config.kd.align_weight, fused=config.kd.fused, chunk_size=config.kd.chunk_size or None)
 
 
 def loss_terms(engines: Engines, batch: dict, config: Config) -> dict[str, torch.Tensor]:
