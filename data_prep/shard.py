@@ -6,6 +6,9 @@ Runbook::
         --out /data/geochat/shards --workers 16            # 512 MiB shards, 1% validation split, seed 0
     python -m data_prep shard ... --resume                 # after an interruption: same arguments plus --resume
     python -m data_prep verify /data/geochat/shards
+    # on several machines: task i of n writes its share of the same plan, then one merge writes the manifest
+    python -m data_prep shard ... --task-index i --num-tasks n        # for i in 0..n-1, in parallel
+    python -m data_prep shard ... --merge                             # after all tasks (launch/slurm_data_prep.sh)
 
 Output: ``train-%06d.tar``, ``val-%06d.tar``, ``manifest.json``, ``rejects.jsonl`` (format: ``manifest.py`` and the
 shard contract). Every input record is either written or listed in rejects.jsonl with a reason code:
@@ -17,9 +20,13 @@ Duplicate ids are decided while screening, before images are decoded: if the fir
 out to have an unreadable image, its duplicates stay rejected (the plan is fixed before decoding so that it cannot
 depend on the worker count).
 
+A task (``--task-index/--num-tasks``) writes shards and their progress records only; it reuses its own verified
+shards, so a requeued task redoes only what is missing. ``--merge`` writes no shard: it checks every planned shard
+against its progress record and writes manifest.json and rejects.jsonl, byte-identical to a one-process run.
+
 Exit codes: 0 success; 1 more than ``--max-reject-fraction`` of the records rejected (default 0.05: a higher rate
-usually means a wrong ``--images`` directory or a schema mismatch; outputs are still written); 2 unusable input or
-arguments (one line on stderr).
+usually means a wrong ``--images`` directory or a schema mismatch; outputs are still written), or ``--merge`` found
+shards missing; 2 unusable input or arguments (one line on stderr).
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ import sys
 from tqdm import tqdm
 
 from data_prep.images import DEFAULT_MAX_IMAGE_PIXELS
-from data_prep.manifest import build_manifest, count_by, reject_fraction_problem, summary_table, write_run_outputs
+from data_prep.manifest import (MANIFEST_NAME, build_manifest, count_by, reject_fraction_problem, summary_table,
+                                write_run_outputs)
 from data_prep.records import TASK_KINDS, RecordRejected, record_id, task_kind, validate_record
 from data_prep.sharding import (
     SampleSpec,
     assign_splits,
+    collect_finished_shards,
     plan_shards,
     prepare_out_dir,
     run_shard_jobs,
     sample_key,
+    task_jobs,
 )
 from data_prep.sources import InputError, UnparsableLine, describe_source, load_records
 
@@ -65,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit 1 when more than this share of records is rejected (default 0.05)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="reject images with more pixels, read from the header (default %(default)s)")
+    parser.add_argument("--num-tasks", type=int, default=1,
+                        help="parallel tasks sharing the plan (a Slurm array); each writes its share, no manifest")
+    parser.add_argument("--task-index", type=int, default=0, help="this task's index in 0..num-tasks-1")
+    parser.add_argument("--merge", action="store_true",
+                        help="after all tasks: check every planned shard and write manifest.json + rejects.jsonl")
     return parser
 
 
@@ -75,6 +90,11 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--max-shard-mb, --max-shard-samples, --workers and --max-image-pixels must be positive")
     if not 0 <= args.max_reject_fraction <= 1:
         parser.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
+    if args.num_tasks < 1 or not 0 <= args.task_index < args.num_tasks:
+        parser.error(f"--task-index must be in 0..{args.num_tasks - 1} and --num-tasks >= 1, got "
+                     f"{args.task_index} of {args.num_tasks}")
+    if args.merge and (args.num_tasks > 1 or args.task_index):
+        parser.error("--merge checks the whole plan in one step: it takes no --task-index/--num-tasks")
 
 
 def screen_records(records: list[object], images_dir: str) -> tuple[list[SampleSpec], list[dict]]:
@@ -125,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"instruct file {args.instruct!r} holds a {type(records).__name__}, expected a list")
         if not os.path.isdir(args.images):
             raise InputError(f"--images {args.images!r} is not a directory")
-        prepare_out_dir(args.out, args.resume, SHARD_PREFIXES)
+        parallel = args.num_tasks > 1 or args.merge
+        # Tasks and the merge share the folder with each other (and with a requeued earlier try of themselves).
+        prepare_out_dir(args.out, args.resume or parallel, SHARD_PREFIXES)
+        if parallel and not args.resume and os.path.exists(os.path.join(args.out, MANIFEST_NAME)):
+            raise ValueError(f"output directory {args.out!r} already holds a finished run (manifest.json): pass "
+                             f"--resume to check it again or choose an empty directory")
     except (InputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -135,7 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("screened %d records: %d to write, %d rejected", len(records), len(specs), len(rejects))
     splits = assign_splits(specs, args.seed, args.val_fraction)
     jobs = plan_shards(splits, int(args.max_shard_mb * MEBIBYTE), args.max_shard_samples, args.max_image_pixels)
-    results = run_shard_jobs(jobs, args.out, args.workers, args.resume, SHARD_PREFIXES, known_rejects=len(rejects))
+    if args.merge:
+        results, missing = collect_finished_shards(jobs, args.out)
+        if missing:
+            print(f"error: {len(missing)} of {len(jobs)} planned shards are missing or do not match their progress "
+                  f"record ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): rerun the tasks that "
+                  f"write them (shard i of the plan belongs to task i % num-tasks), then merge again",
+                  file=sys.stderr)
+            return 1
+    elif args.num_tasks > 1:
+        share = task_jobs(jobs, args.task_index, args.num_tasks)
+        run_shard_jobs(share, args.out, args.workers, True, SHARD_PREFIXES, known_rejects=len(rejects),
+                       planned_names={job.name for job in jobs})
+        print(f"task {args.task_index} of {args.num_tasks}: {len(share)} of {len(jobs)} shards written or "
+              f"verified; run --merge after every task finished")
+        return 0
+    else:
+        results = run_shard_jobs(jobs, args.out, args.workers, args.resume, SHARD_PREFIXES,
+                                 known_rejects=len(rejects))
 
     for result in results:
         rejects.extend(result.rejects)

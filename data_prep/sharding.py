@@ -17,6 +17,12 @@ Order of work:
    Tests simulate an interruption with the environment variable ``DATA_PREP_TEST_FAIL_AFTER_SHARDS=N`` (raise
    after N shards were completed).
 
+Parallel writers on several machines (a Slurm array, ``launch/slurm_data_prep.sh``): every task computes the same
+plan (it depends on the seed, records and image sizes only) and writes ``task_jobs(jobs, index, count)``, a disjoint
+round-robin share, so shard numbers never collide; a task reuses its own verified shards like ``--resume`` (a
+requeued task redoes only what is missing) and removes only its own temporary files. A final merge step re-plans,
+checks every shard against its progress record (``collect_finished_shards``) and writes the one manifest.
+
 Tar members are written with ``tarfile`` directly (not webdataset.TarWriter, whose mtime defaults to time.time()):
 USTAR format, mtime 0, uid/gid 0, empty uname/gname, mode 0444, so equal inputs give byte-identical shards.
 """
@@ -239,18 +245,38 @@ def load_finished_shard(job: ShardJob, out_dir: str) -> ShardResult | None:
         return None
 
 
-def remove_stale_outputs(out_dir: str, jobs: list[ShardJob], shard_prefixes: tuple[str, ...]) -> None:
-    """Delete temporary files and shards/progress records that are not part of the current plan."""
-    planned = {job.name for job in jobs}
-    for name in sorted(os.listdir(out_dir)):
-        is_shard = name.endswith(".tar") and name.startswith(shard_prefixes)
-        if name.endswith(TEMPORARY_SUFFIX) or (is_shard and name not in planned):
-            logger.warning("removing %s: left over from an interrupted or different run", name)
-            os.remove(os.path.join(out_dir, name))
+def task_jobs(jobs: list[ShardJob], task_index: int, num_tasks: int) -> list[ShardJob]:
+    """Task ``task_index`` of ``num_tasks``'s share of the plan: every ``num_tasks``-th job (round-robin spreads the
+    splits and the shard sizes evenly); the shares are disjoint and cover the plan."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return jobs[task_index::num_tasks]
+
+
+def remove_stale_outputs(out_dir: str, jobs: list[ShardJob], shard_prefixes: tuple[str, ...],
+                         planned_names: set[str] | None = None) -> None:
+    """Delete temporary files and shards/progress records that are not part of the current plan.
+
+    ``jobs`` are this writer's jobs; ``planned_names`` (default: their names) the whole plan, when other writers
+    work on the rest of it at the same time: their temporary files are theirs to clean up.
+    """
+    own = {job.name for job in jobs}
+    planned = own if planned_names is None else planned_names
     progress_dir = os.path.join(out_dir, PROGRESS_DIR)
-    for name in sorted(os.listdir(progress_dir)):
-        if name.removesuffix(".json") not in planned:
-            os.remove(os.path.join(progress_dir, name))
+    for folder, suffix in ((out_dir, ""), (progress_dir, ".json")):
+        for name in sorted(os.listdir(folder)):
+            temporary = name.endswith(TEMPORARY_SUFFIX)
+            shard = name.removesuffix(TEMPORARY_SUFFIX).removesuffix(suffix)  # what the file belongs to
+            is_shard_file = folder == progress_dir or (shard.endswith(".tar") and shard.startswith(shard_prefixes))
+            stale = (temporary and (shard in own or shard not in planned)) or (is_shard_file and shard not in planned)
+            if not stale:
+                continue
+            if folder == out_dir:
+                logger.warning("removing %s: left over from an interrupted or different run", name)
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass  # another task of the same plan removed it first
 
 
 def run_shard_jobs(
@@ -260,13 +286,15 @@ def run_shard_jobs(
     resume: bool,
     shard_prefixes: tuple[str, ...],
     known_rejects: int = 0,
+    planned_names: set[str] | None = None,
 ) -> list[ShardResult]:
-    """Write (or, with ``resume``, reuse) every planned shard; returns results in plan order.
+    """Write (or, with ``resume``, reuse) every shard of ``jobs``; returns results in plan order.
 
-    ``known_rejects`` (records already rejected while screening) only feeds the progress bar.
+    ``known_rejects`` (records already rejected while screening) only feeds the progress bar; ``planned_names`` is
+    the whole plan when ``jobs`` is one task's share of it (see ``remove_stale_outputs``).
     """
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    remove_stale_outputs(out_dir, jobs, shard_prefixes)
+    remove_stale_outputs(out_dir, jobs, shard_prefixes, planned_names)
     results: dict[str, ShardResult] = {}
     if resume:
         for job in tqdm(jobs, desc="checking finished shards", unit="shard", leave=False):
@@ -296,6 +324,19 @@ def run_shard_jobs(
             raise RuntimeError(f"{FAIL_AFTER_SHARDS_ENV}={fail_after}: simulated interruption")
     progress.close()
     return [results[job.name] for job in jobs]
+
+
+def collect_finished_shards(jobs: list[ShardJob], out_dir: str) -> tuple[list[ShardResult], list[str]]:
+    """The verified results of every planned shard (in plan order) and the names of those missing or not verifying
+    (the merge step of a parallel run)."""
+    results, missing = [], []
+    for job in tqdm(jobs, desc="checking shards", unit="shard", leave=False):
+        finished = load_finished_shard(job, out_dir)
+        if finished is None:
+            missing.append(job.name)
+        else:
+            results.append(finished)
+    return results, missing
 
 
 def _results_in_completion_order(pending: list[ShardJob], out_dir: str, workers: int) -> Iterator[ShardResult]:

@@ -66,6 +66,10 @@ def resolve_ds_config(config: Config, *, world_size: int, dtype: torch.dtype, hi
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if "offload_optimizer" in zero:
         resolved["zero_force_ds_cpu_optimizer"] = False
+    if not for_teacher and config.checkpoint.universal == "always":
+        # The student loads DeepSpeed's universal format (a resume under another world size). Recipes resolve
+        # checkpoint.universal=auto to always/never before building engines (recipes.common.prepare_resume).
+        _fill(resolved.setdefault("checkpoint", {}), "load_universal", True, "checkpoint")
     leftover = [path for path in _auto_paths(resolved)]
     if leftover:
         raise ConfigError(f"{config.deepspeed.config}: no rule fills \"auto\" at {', '.join(leftover)}")

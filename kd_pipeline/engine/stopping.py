@@ -3,13 +3,21 @@ flag; at the next step boundary every rank agrees on it with an all-reduce (MAX)
 checkpoint and exit with ``RESUME_EXIT_CODE``, which ``launch/slurm_distill.sh`` reads as "requeue me".
 
 Signal handlers only set a flag (nothing else is async-signal-safe); the decision happens at step boundaries.
+
+Hang protection is the process group's timeout (``deepspeed.timeout_minutes``, set in ``runtime.init_runtime``): a
+peer that died or stopped responding makes the collective a rank waits in raise within it (gloo raises; NCCL with
+``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` aborts the process from its watchdog, naming the rank and the collective).
+``install_failure_report`` then names this rank and the last completed step in the log before the process exits
+non-zero, and the launchers (``torchrun``/``deepspeed``, ``srun --kill-on-bad-exit``) take the other ranks down.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import sys
 import time
 
 import torch
@@ -19,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 RESUME_EXIT_CODE = 75
+COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection|peer|pair closure", re.IGNORECASE)
 
 
 class StopController:
@@ -53,3 +62,22 @@ class StopController:
             log.warning("stop requested (%s): saving a checkpoint and exiting with code %d (resume me)",
                         self.requested_by or "another rank", RESUME_EXIT_CODE)
         return stop
+
+
+def install_failure_report(rank: int, state) -> None:
+    """On an uncaught exception, log which rank failed and after which step (``state.step``: the last step the loop
+    completed, read when the failure happens), then let Python print the traceback as usual."""
+    previous_hook = sys.excepthook
+
+    def report(kind, error, traceback) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            # gloo raises plain RuntimeErrors with varying texts ("Connection closed by peer", "Timed out waiting
+            # 30000ms for recv", "Application timeout caused pair closure").
+            collective = isinstance(error, dist.DistError) or COLLECTIVE_FAILURE.search(str(error)) is not None
+            log.critical("rank %d failed after step %d was completed: %s: %s%s", rank, state.step, kind.__name__,
+                         str(error).splitlines()[0][:300] if str(error) else "",
+                         " (a peer rank died or stopped responding within deepspeed.timeout_minutes)"
+                         if collective else "")
+        previous_hook(kind, error, traceback)
+
+    sys.excepthook = report
