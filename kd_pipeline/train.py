@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from kd_pipeline.checkpoint import CheckpointError
+    from kd_pipeline.engine.stopping import catch_stop_signals
     from kd_pipeline.runtime import init_runtime, setup_logging
+
+    catch_stop_signals()
 
     runtime = init_runtime(config.deepspeed.timeout_minutes)
     setup_logging(runtime.rank)

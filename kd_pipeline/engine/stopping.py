@@ -30,9 +30,24 @@ RESUME_EXIT_CODE = 75
 COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection|peer|pair closure", re.IGNORECASE)
 
 
+_early_signal: str | None = None
+
+
+def catch_stop_signals() -> None:
+    """Install the flag-setting handlers at start-up, before models load: a USR1/TERM that arrives while a 13B
+    teacher is still loading must become a stop request, not kill the rank (which would fail the job unrequeued).
+    ``StopController`` takes the flag over once the loop starts."""
+    def remember(signum: int, _frame) -> None:
+        global _early_signal
+        _early_signal = signal.Signals(signum).name
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, remember)
+
+
 class StopController:
     def __init__(self, stop_before_end_minutes: float = 0.0):
-        self.requested_by: str | None = None
+        self.requested_by: str | None = _early_signal
         self.deadline = self._job_deadline(stop_before_end_minutes)
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)

@@ -40,10 +40,11 @@ from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.engine.metrics import reduce_mean, reduce_sum
 from kd_pipeline.engine.modules import (LossSettings, PolicySettings, TeacherOutputs, llava_hidden_and_features,
                                         run_teacher)
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, install_failure_report
 from kd_pipeline.losses import fused_token_kl
 from kd_pipeline.losses.minillm import importance_weights, long_term_advantages, token_rewards, whiten
-from kd_pipeline.recipes.common import agree_on_resume, save, start_outputs, to_device, write_partition_report
+from kd_pipeline.recipes.common import (load_resume, prepare_resume, save, start_outputs, to_device,
+                                        write_partition_report)
 from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
 from kd_pipeline.sampling import gathered_for_decoding, sample_mixed
 
@@ -197,19 +198,20 @@ def run(config: Config, runtime: Runtime) -> int:
         raise ConfigError(f"a round has {micro_per_round * settings.ppo_epochs} micro-batches (rollouts_per_rank / "
                           f"micro_batch_size x ppo_epochs), not a multiple of train.grad_accum={config.train.grad_accum}")
     output_dir = Path(config.run.output_dir)
+    resume = prepare_resume(config, runtime)  # before the engines: their DeepSpeed config follows its choice
+    config = resume.config
+    resume_folder = resume.folder
     seed_everything(config.run.seed)
-    resume_folder = agree_on_resume(config, runtime)
     init_weights = ckpt.resolve_init_from(config.run.init_from) if config.run.init_from and not resume_folder else None
     engines = build_engines(config, runtime, init_weights=init_weights)
     state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=zero_stage(engines.student_ds_config),
                               stage=config.run.stage, extra={"round": 0})
     rank_state = None
     if resume_folder is not None:
-        engines.student.load_checkpoint(str(resume_folder.parent), tag=resume_folder.name,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = ckpt.load_trainer_state(resume_folder)
-        rank_state = ckpt.load_rank_state(resume_folder, runtime.rank)
-        log.info("resumed stage 2 from %s at step %d", resume_folder, state.step)
+        # After a change of rank count rank_state is None: the sampler's generator and the round restart.
+        state, rank_state = load_resume(engines, resume, runtime)
+        log.info("resumed stage 2 from %s at step %d", resume.engine_folder, state.step)
+    install_failure_report(runtime.rank, state)
     if not config.data.pt_shards:
         raise ConfigError("run.stage=minillm needs data.pt_shards (a `data_prep pt` folder): the pre-training loss "
                           "is part of the method; set minillm.pt_weight=0 and any folder to run without it")
