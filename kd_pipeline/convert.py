@@ -386,15 +386,22 @@ def hf_to_geochat(src: str | Path, dst: str | Path, vision_tower_name: str | Non
         raise ConversionError(f"{src / 'tokenizer.model'} is missing: GeoChat's slow tokenizer needs the "
                               "SentencePiece model (copy it from the GeoChat or Vicuna folder)")
     config = LlavaConfig.from_pretrained(str(src), local_files_only=True)
-    # Loaded through from_pretrained, not read from the files: transformers 5 stores LLaVA under other key names on
-    # disk (language_model.model.*, vision_tower.*) than its modules use, and converts them itself on load.
-    model = LlavaForConditionalGeneration.from_pretrained(str(src), local_files_only=True, dtype="auto")
-    state = model.state_dict()
+    state = read_state_dict(src, "transformers LLaVA checkpoint")
     with torch.device("meta"):
         template = LlavaForConditionalGeneration(config)
     layout = llava_layout(template)
     expected = list(template.state_dict())
     missing = [key for key in expected if key not in state]
+    if missing and not any(key.startswith(layout.language_model + ".") for key in state):
+        # A save_pretrained folder: transformers 5 writes LLaVA under other key names on disk
+        # (language_model.model.*, vision_tower.*) than its modules use and maps them itself on load. Let it, in the
+        # stored dtype, and still refuse anything missing or unexpected.
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            str(src), local_files_only=True, dtype=next(iter(state.values())).dtype, output_loading_info=True)
+        state = model.state_dict()
+        missing = sorted(info["missing_keys"]) + [key for key in expected if key not in state]
+        if info["unexpected_keys"]:
+            state.update({key: torch.empty(0) for key in info["unexpected_keys"]})
     if missing:
         raise ConversionError(f"{src}: key {missing[0]} is missing ({len(missing)} missing in all)")
     unknown = sorted(set(state) - set(expected))
