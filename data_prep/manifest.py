@@ -6,6 +6,8 @@ machine, the time or the worker count, so an interrupted-then-resumed run writes
 
 from __future__ import annotations
 
+import sys
+
 import json
 import os
 
@@ -139,3 +141,15 @@ def reject_fraction_problem(totals: dict, max_reject_fraction: float) -> str | N
         return (f"{totals['rejected']} of {totals['input']} records rejected ({fraction:.1%}) exceeds "
                 f"--max-reject-fraction {max_reject_fraction}; see {REJECTS_NAME}")
     return None
+
+
+def finish_run(out_dir: str, manifest: dict, rejects: list[dict], max_reject_fraction: float) -> int:
+    """Write manifest.json and rejects.jsonl, print the summary table, and return the command's exit code:
+    1 (outputs still written) when rejects exceed ``max_reject_fraction``, else 0."""
+    write_run_outputs(out_dir, manifest, rejects)
+    print(summary_table(manifest))
+    problem = reject_fraction_problem(manifest["totals"], max_reject_fraction)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0

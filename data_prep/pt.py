@@ -28,7 +28,7 @@ import os
 import sys
 
 from data_prep.images import DEFAULT_MAX_IMAGE_PIXELS
-from data_prep.manifest import build_manifest, reject_fraction_problem, summary_table, write_run_outputs
+from data_prep.manifest import build_manifest, finish_run
 from data_prep.records import IMAGE_TOKEN, RecordRejected, check_image_path, record_id
 from data_prep.sharding import SampleSpec, assign_splits, plan_shards, prepare_out_dir, run_shard_jobs, sample_key
 from data_prep.sources import InputError, UnparsableLine, describe_source, load_records, load_text_documents
@@ -173,10 +173,4 @@ def main(argv: list[str] | None = None) -> int:
         input_count=input_count, shard_results=[vars(result) for result in results], split_names=("pt",),
         task_kinds={"pretrain": sum(result.samples for result in results)}, rejects=rejects,
     )
-    write_run_outputs(args.out, manifest, rejects)
-    print(summary_table(manifest))
-    problem = reject_fraction_problem(manifest["totals"], args.max_reject_fraction)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    return finish_run(args.out, manifest, rejects, args.max_reject_fraction)

@@ -39,8 +39,7 @@ import sys
 from tqdm import tqdm
 
 from data_prep.images import DEFAULT_MAX_IMAGE_PIXELS
-from data_prep.manifest import (MANIFEST_NAME, build_manifest, count_by, reject_fraction_problem, summary_table,
-                                write_run_outputs)
+from data_prep.manifest import MANIFEST_NAME, build_manifest, count_by, finish_run
 from data_prep.records import TASK_KINDS, RecordRejected, record_id, task_kind, validate_record
 from data_prep.sharding import (
     SampleSpec,
@@ -188,10 +187,4 @@ def main(argv: list[str] | None = None) -> int:
         task_kinds=count_by([kind for result in results for kind in result.task_kinds], TASK_KINDS),
         rejects=rejects,
     )
-    write_run_outputs(args.out, manifest, rejects)
-    print(summary_table(manifest))
-    problem = reject_fraction_problem(manifest["totals"], args.max_reject_fraction)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    return finish_run(args.out, manifest, rejects, args.max_reject_fraction)
