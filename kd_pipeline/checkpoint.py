@@ -121,7 +121,8 @@ def _all_gather(value, world_size: int) -> list:
     return gathered
 
 
-def _broadcast_from_rank0(value, world_size: int):
+def broadcast_from_rank0(value, world_size: int):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
     if world_size == 1:
         return value
     box = [value]
@@ -185,7 +186,7 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, state: TrainerState, *, 
         except OSError as error:
             problem = _write_failure(error, folder)
     # Every rank must know before DeepSpeed's save (which holds collectives of its own) whether it goes ahead.
-    problem = _broadcast_from_rank0(problem, world_size)
+    problem = broadcast_from_rank0(problem, world_size)
     if problem:
         _raise_save_failure(folder, {0: problem})
     my_hashes: dict[str, dict] = {}
@@ -220,7 +221,7 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, state: TrainerState, *, 
         except OSError as error:
             finish_problem = _write_failure(error, folder)
     # Replaces a final barrier: every rank leaves only after rank 0 finished, and learns whether it succeeded.
-    finish_problem = _broadcast_from_rank0(finish_problem, world_size)
+    finish_problem = broadcast_from_rank0(finish_problem, world_size)
     if finish_problem:
         _raise_save_failure(folder, {0: finish_problem})
     return tag

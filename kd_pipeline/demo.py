@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("kd_pipeline.demo")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "demo"
@@ -71,7 +73,7 @@ class Demo:
     def _run(self, phase: str, command: list[str]) -> None:
         """Run one tool; its progress bars go to the terminal, its full output to logs/<phase>.log."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        if self.scale.nproc > 1 or "DS_ACCELERATOR" in os.environ:
+        if not torch.cuda.is_available():  # CPU ranks: gloo and DeepSpeed's CPU accelerator
             env.setdefault("DS_ACCELERATOR", "cpu")
         with open(self.logs / f"{phase}.log", "a") as handle:
             handle.write(f"$ {' '.join(command)}\n")

@@ -55,13 +55,12 @@ def supervised_count(batch: dict) -> int:
 
 def agree_on_resume(config: Config, runtime: Runtime) -> Path | None:
     """Rank 0 picks the checkpoint (verifying checksums once) and every rank uses its choice."""
-    choice = [None]
+    choice = None
     if runtime.is_main:
         folder = ckpt.resolve_resume(config.checkpoint.resume, Path(config.run.output_dir))
-        choice = [str(folder) if folder else None]
-    if runtime.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+        choice = str(folder) if folder else None
+    choice = ckpt.broadcast_from_rank0(choice, runtime.world_size)
+    return Path(choice) if choice else None
 
 
 @dataclasses.dataclass(frozen=True)
