@@ -82,7 +82,7 @@ class ModelConfig:
     lora_alpha: int = 16
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch (stage 2 refuses a student value > 0: dropout breaks PPO's new/old ratio)."""
     train_projector: bool = True
     """Train the mlp2x_gelu projector (the CLIP tower is always frozen)."""
     gradient_checkpointing: bool = False
@@ -164,7 +164,7 @@ class MinillmConfig:
     max_new_tokens: int = 64
     """Longest generated response."""
     rollouts_per_rank: int = 8
-    """Rollout buffer size per rank and round."""
+    """Rollout buffer size per rank and round (a multiple of train.micro_batch_size; steps may span rounds)."""
     ppo_epochs: int = 4
     """Passes over each rollout buffer."""
     gamma: float = 0.95
@@ -256,8 +256,24 @@ class Config:
             raise ConfigError(f"kd.alpha_kd must lie in [0, 1], got {self.kd.alpha_kd}")
         if not 0.0 <= self.minillm.mix_alpha <= 1.0:
             raise ConfigError(f"minillm.mix_alpha must lie in [0, 1], got {self.minillm.mix_alpha}")
-        if self.run.stage == "minillm" and not self.run.init_from and self.checkpoint.resume == "none":
+        if self.run.stage == "minillm":
+            self._check_stage2()
+
+    def _check_stage2(self) -> None:
+        if not self.run.init_from and self.checkpoint.resume == "none":
             raise ConfigError("run.stage=minillm needs run.init_from (a stage-1 output folder or checkpoint)")
+        rollouts, micro = self.minillm.rollouts_per_rank, self.train.micro_batch_size
+        if rollouts < micro or rollouts % micro:
+            raise ConfigError(f"minillm.rollouts_per_rank={rollouts} must be a multiple of "
+                              f"train.micro_batch_size={micro} (the buffer is split into whole micro-batches)")
+        if self.minillm.ppo_epochs < 1:
+            raise ConfigError(f"minillm.ppo_epochs must be >= 1, got {self.minillm.ppo_epochs}")
+        if self.student.lora and self.student.lora_dropout > 0:
+            # Rollouts score old log-probs in eval mode; a dropout mask in the policy forward would make the PPO
+            # ratio new/old differ from 1 before any update, so it is refused rather than silently changed.
+            raise ConfigError(f"student.lora_dropout={self.student.lora_dropout} with run.stage=minillm: stage 2 "
+                              f"needs student.lora_dropout=0 (dropout makes PPO's ratio of new to old "
+                              f"log-probabilities inconsistent); set student.lora_dropout=0")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -16,20 +16,32 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-def reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    """Average scalar metrics over ranks (one all-reduce for all of them; keys in sorted order on every rank)."""
+def _all_reduce(values: dict[str, float], world_size: int, op) -> dict[str, float]:
+    """One all-reduce with ``op`` for all of ``values`` (keys in sorted order on every rank); fp64 so that token
+    counts and sums stay exact."""
     if world_size == 1 or not values:
-        return dict(values)
+        return {key: float(value) for key, value in values.items()}
     keys = sorted(values)
     packed = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         packed = packed.cuda()
-    dist.all_reduce(packed)
-    return {key: float(value) / world_size for key, value in zip(keys, packed.tolist())}
+    dist.all_reduce(packed, op=op)
+    return {key: float(value) for key, value in zip(keys, packed.tolist())}
 
 
 def reduce_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
-    return {key: value * world_size for key, value in reduce_mean(values, world_size).items()}
+    """Sum scalar metrics over ranks."""
+    return _all_reduce(values, world_size, dist.ReduceOp.SUM)
+
+
+def reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Average scalar metrics over ranks (each rank weighs the same)."""
+    return {key: value / world_size for key, value in reduce_sum(values, world_size).items()}
+
+
+def reduce_max(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Maximum of scalar metrics over ranks (a mean of per-rank maxima would hide one rank's outlier)."""
+    return _all_reduce(values, world_size, dist.ReduceOp.MAX)
 
 
 class MetricsLogger:

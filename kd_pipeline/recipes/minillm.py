@@ -13,14 +13,28 @@ One round:
    the PPO-clipped long-term term, the full-vocabulary reverse KL (single-step term, fused kernel), the pre-training
    loss on a D_PT batch ((1-kd_ratio)*LM + kd_ratio*forward KD) and the alignment term.
 
+Batch arithmetic: a round is ``rollouts_per_rank / train.micro_batch_size`` micro-batches x ``ppo_epochs``; an
+optimizer step is ``train.grad_accum`` micro-batches, i.e. ``micro_batch_size x grad_accum x world size`` sequences,
+and it may end mid-round or span rounds (the next buffer is then collected between two micro-batches of the step),
+so MiniLLM's ratios (>= 64 sequences per step, 4 PPO epochs) are expressible on one or two ranks. The student has no
+dropout here: ``student.lora_dropout`` must be 0 (Config refuses otherwise), since dropout would make the PPO ratio
+of new to old log-probabilities differ from 1 even before any update.
+
 Resume is exact mid-round: a checkpoint taken anywhere stores, per rank, the rollout buffer of the current round, the
 position in it, the sampler's generator state, the RNG states and both loaders' states; a resumed run continues the
 same round with the same buffer and reproduces the uninterrupted loss sequence.
 
+Telemetry: every training line has the loss terms averaged over the step's micro-batches and ranks; ``rev_kl`` (the
+exact per-position reverse KL of the current student, averaged over the step's response TOKENS on all ranks) and
+``clip_frac`` (share of those tokens where PPO's clip is active); and the latest round's statistics over all ranks:
+``reward`` (log p - log q per token), ``w_mean`` (token-weighted mean importance weight), ``w_max`` (all-reduce MAX)
+and ``len_mixed`` (mean rollout length).
+
 Validation (every ``train.eval_every`` steps) samples student-only answers (alpha = 0) to held-out prompts with a
-fixed seed and reports ``rev_kl`` (the k3 estimate of KL[q||p] per token), ``len_student`` and ``val_loss`` = the
-exact per-position reverse KL summed along each sampled answer, averaged over answers: by the chain rule this is an
-unbiased, Rao-Blackwellised estimate of the sequence-level KL[q||p] the stage minimises, and it selects ``best``.
+fixed seed and reports ``val_loss`` = the exact per-position reverse KL KL[q||p] averaged over answer TOKENS (length
+normalised; it selects ``best``), ``val_rev_kl_seq`` = the same summed per answer and averaged
+over answers (by the chain rule an unbiased, Rao-Blackwellised estimate of the sequence-level KL[q||p]), and
+``val_len_student`` (mean answer length). Per token, a long answer cannot win or lose ``best`` by its length alone.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from kd_pipeline.config import Config, ConfigError
 from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
-from kd_pipeline.engine.metrics import reduce_mean, reduce_sum
+from kd_pipeline.engine.metrics import reduce_max, reduce_mean, reduce_sum
 from kd_pipeline.engine.modules import (LossSettings, PolicySettings, TeacherOutputs, llava_hidden_and_features,
                                         run_teacher)
 from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, install_failure_report
@@ -123,12 +137,24 @@ def collect_rollouts(engines: Engines, config: Config, runtime: Runtime, prompt_
             entry["advantages"] = torch.zeros_like(entry["advantages"]).masked_scatter(
                 valid, flat[offset:offset + int(valid.sum())])
             offset += int(valid.sum())
-    rewards_flat, weights_flat = torch.cat(raw_rewards), torch.cat(weights_all)
-    stats = {"reward": float(rewards_flat.mean()) if rewards_flat.numel() else 0.0,
-             "w_mean": float(weights_flat.mean()) if weights_flat.numel() else 0.0,
-             "w_max": float(weights_flat.max()) if weights_flat.numel() else 0.0,
-             "len_mixed": float(torch.cat(lengths).mean())}
+    stats = round_statistics(torch.cat(raw_rewards), torch.cat(weights_all), torch.cat(lengths), runtime.world_size)
     return buffer, stats
+
+
+def round_statistics(raw_rewards: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,
+                     world_size: int) -> dict[str, float]:
+    """The round's rollout statistics over ALL ranks (collective): ``reward`` (log p - log q) and ``w_mean`` are
+    token-weighted means over every valid response token, ``w_max`` the largest importance weight on any rank (an
+    all-reduce MAX), ``len_mixed`` the mean response length. ``raw_rewards`` and ``weights``: (N_tokens,) this
+    rank's valid tokens; ``lengths``: (N_rollouts,)."""
+    totals = reduce_sum({"reward_sum": float(raw_rewards.sum()), "weight_sum": float(weights.sum()),
+                         "tokens": float(weights.numel()), "length_sum": float(lengths.sum()),
+                         "rollouts": float(lengths.numel())}, world_size)
+    # Weights are positive, so 0 is a neutral element of the MAX for a rank without valid tokens.
+    w_max = reduce_max({"w_max": float(weights.max()) if weights.numel() else 0.0}, world_size)["w_max"]
+    tokens = max(totals["tokens"], 1.0)
+    return {"reward": totals["reward_sum"] / tokens, "w_mean": totals["weight_sum"] / tokens, "w_max": w_max,
+            "len_mixed": totals["length_sum"] / max(totals["rollouts"], 1.0)}
 
 
 def _micro_order(config: Config, round_index: int, epoch: int, count: int) -> list[int]:
@@ -153,12 +179,13 @@ def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict |
 
 @torch.no_grad()
 def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) -> dict[str, float]:
-    """Student-only answers to the same held-out prompts each time (fixed seed): exact per-position reverse KL
-    summed per answer (``val_loss``), the k3 estimate per token (``rev_kl``) and the answer length."""
+    """Student-only answers to the same held-out prompts each time (fixed seed): the exact per-position reverse KL
+    averaged over answer tokens (``val_loss``), the same summed per answer and averaged over answers
+    (``val_rev_kl_seq``), and the mean answer length (``val_len_student``)."""
     import deepspeed
 
     generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed + 7919 * (runtime.rank + 1))
-    totals = {"kl_sum": 0.0, "k3_sum": 0.0, "tokens": 0.0, "answers": 0.0}
+    totals = {"kl_sum": 0.0, "tokens": 0.0, "answers": 0.0}
     head = engines.student.module.head_weight
     for prompts in val_prompts:
         is_padding = bool(prompts.pop("is_padding", False))
@@ -176,27 +203,19 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) ->
                                 chunk_size=config.kd.chunk_size or None).kl  # (B, T)
         if is_padding:  # ran only to keep the collective generation and forward counts equal across ranks
             continue
-        log_ratio = (rollout.teacher_logprob - rollout.student_logprob)[rollout.mask.bool()]  # log p/q
         totals["kl_sum"] += float(kl.sum())
-        totals["k3_sum"] += float((log_ratio.exp() - 1 - log_ratio).sum())
         totals["tokens"] += float(rollout.mask.sum())
         totals["answers"] += float(rollout.tokens.shape[0])
     engines.student.train()
     totals = reduce_sum(totals, runtime.world_size)
-    return {"val_loss": totals["kl_sum"] / max(totals["answers"], 1.0),
-            "rev_kl": totals["k3_sum"] / max(totals["tokens"], 1.0),
-            "len_student": totals["tokens"] / max(totals["answers"], 1.0)}
+    answers = max(totals["answers"], 1.0)
+    return {"val_loss": totals["kl_sum"] / max(totals["tokens"], 1.0), "val_rev_kl_seq": totals["kl_sum"] / answers,
+            "val_len_student": totals["tokens"] / answers}
 
 
 def run(config: Config, runtime: Runtime) -> int:
     settings = config.minillm
-    micro_per_round = settings.rollouts_per_rank // config.train.micro_batch_size
-    if micro_per_round < 1 or settings.rollouts_per_rank % config.train.micro_batch_size:
-        raise ConfigError(f"minillm.rollouts_per_rank={settings.rollouts_per_rank} must be a multiple of "
-                          f"train.micro_batch_size={config.train.micro_batch_size}")
-    if (micro_per_round * settings.ppo_epochs) % config.train.grad_accum:
-        raise ConfigError(f"a round has {micro_per_round * settings.ppo_epochs} micro-batches (rollouts_per_rank / "
-                          f"micro_batch_size x ppo_epochs), not a multiple of train.grad_accum={config.train.grad_accum}")
+    micro_per_round = settings.rollouts_per_rank // config.train.micro_batch_size  # checked by Config
     output_dir = Path(config.run.output_dir)
     resume = prepare_resume(config, runtime)  # before the engines: their DeepSpeed config follows its choice
     config = resume.config
@@ -246,11 +265,12 @@ def run(config: Config, runtime: Runtime) -> int:
     engines.student.train()
     while state.step < config.train.max_steps:
         step_start = time.perf_counter()
-        if buffer is None:
-            buffer, round_stats = collect_rollouts(engines, config, runtime, prompt_batches, generator)
-            position = 0
         step_terms: dict[str, float] = {}
+        token_sums = {"rev_kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}  # per-token statistics, summed over tokens
         for _ in range(config.train.grad_accum):
+            if buffer is None:  # an optimizer step may span rounds: the next buffer is collected mid-accumulation
+                buffer, round_stats = collect_rollouts(engines, config, runtime, prompt_batches, generator)
+                position = 0
             epoch, index = divmod(position, micro_per_round)
             entry = buffer[_micro_order(config, state.extra["round"], epoch, micro_per_round)[index]]
             pt_batch = to_device(next(pt_batches), runtime.device, runtime.dtype)
@@ -258,15 +278,24 @@ def run(config: Config, runtime: Runtime) -> int:
             engines.student.backward(terms["loss"])
             engines.student.step()
             position += 1
+            if position == micro_per_round * settings.ppo_epochs:
+                buffer, position = None, 0
+                state.extra["round"] += 1
+            terms = {name: float(value.detach()) for name, value in terms.items()}
+            tokens = float(entry["response_mask"].sum())
+            # The single-step term is the unweighted token mean of the exact reverse KL of this micro-batch.
+            token_sums["rev_kl"] += terms["single_step_loss"] * tokens
+            token_sums["clip_frac"] += terms.pop("clip_frac") * tokens
+            token_sums["tokens"] += tokens
             for name, value in terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + float(value) / config.train.grad_accum
-        if position == micro_per_round * settings.ppo_epochs:
-            buffer, position = None, 0
-            state.extra["round"] += 1
+                step_terms[name] = step_terms.get(name, 0.0) + value / config.train.grad_accum
         state.step += 1
-        record = reduce_mean({**step_terms, **round_stats}, runtime.world_size)
-        record["w_max"] = round_stats["w_max"]  # this rank's maximum; the mean of maxima would hide outliers
-        record.update(lr=float(engines.scheduler.get_last_lr()[0]), step_time_s=time.perf_counter() - step_start)
+        record = reduce_mean(step_terms, runtime.world_size)
+        token_sums = reduce_sum(token_sums, runtime.world_size)
+        record.update(round_stats)  # already reduced over ranks when the round was collected
+        record.update(rev_kl=token_sums["rev_kl"] / max(token_sums["tokens"], 1.0),
+                      clip_frac=token_sums["clip_frac"] / max(token_sums["tokens"], 1.0),
+                      lr=float(engines.scheduler.get_last_lr()[0]), step_time_s=time.perf_counter() - step_start)
         is_best = False
         if (config.train.eval_every and state.step % config.train.eval_every == 0) or \
                 state.step == config.train.max_steps:
@@ -276,7 +305,7 @@ def run(config: Config, runtime: Runtime) -> int:
         if state.step % config.run.log_every == 0 or "val_loss" in record or state.step == config.train.max_steps:
             metrics.log(state.step, record)
         metrics.progress(state.step, {k: v for k, v in record.items()
-                                      if k in ("loss", "pg_loss", "single_step_loss", "pt_loss", "reward", "val_loss")})
+                                      if k in ("loss", "pg_loss", "rev_kl", "pt_loss", "reward", "val_loss")})
         # The step limit is the same on every rank (config), so it needs no agreement; signals do.
         stop = stopper.should_stop() or (config.run.stop_at_step > 0 and state.step >= config.run.stop_at_step)
         if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.max_steps or stop or is_best:

@@ -33,10 +33,17 @@ def test_equal_teacher_forwards_and_telemetry(stage2_run):
     assert [line["step"] for line in lines] == list(range(0, 9))
     for line in lines[1:]:
         assert {"loss", "pg_loss", "single_step_loss", "pt_loss", "align_loss", "reward", "len_mixed", "w_mean",
-                "w_max", "clip_frac", "lr"} <= set(line)
+                "w_max", "clip_frac", "rev_kl", "lr"} <= set(line)
         assert 0 < line["len_mixed"] <= 24 and line["w_max"] >= line["w_mean"] > 0
-    for line in (lines[0], lines[4], lines[8]):
-        assert {"val_loss", "rev_kl", "len_student"} <= set(line)
+        assert line["rev_kl"] > 0 and 0 <= line["clip_frac"] <= 1
+    validation = [lines[0], lines[4], lines[8]]
+    for line in validation:
+        assert {"val_loss", "val_rev_kl_seq", "val_len_student"} <= set(line)
+        # val_loss is per answer TOKEN: the per-answer sum is it times the mean answer length.
+        assert 0 < line["val_len_student"] <= 24
+        assert line["val_rev_kl_seq"] == pytest.approx(line["val_loss"] * line["val_len_student"], rel=1e-5)
+    best = min(validation[1:], key=lambda line: line["val_loss"])
+    assert (stage2_run / "checkpoints" / "best").read_text() == f"step_{best['step']:08d}"
 
 
 def test_reverse_kl_on_held_out_prompts_goes_down(stage2_run):
@@ -68,3 +75,26 @@ def test_init_from_loads_the_stage1_weights(synth_data, stage1_run, tmp_path):
     assert expected.keys() == loaded.keys() and any(key.startswith("feature_map.") for key in expected)
     for name in expected:
         torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+# MiniLLM's ratios at micro scale: 4 x 8 x 2 ranks = 64 sequences per optimizer step, 4 PPO epochs, warm-up. A round
+# is 12 rollouts / 4 = 3 micro-batches x 4 epochs = 12 micro-batches and a step 8: step 1 ends mid-round, step 2
+# spans the end of round 0 and the start of round 1 (the next buffer is collected between two of its micro-batches).
+MINILLM_RATIOS = ["train.max_steps=3", "train.micro_batch_size=4", "train.grad_accum=8", "train.lr=1e-4",
+                  "train.warmup_steps=2", "minillm.rollouts_per_rank=12", "minillm.ppo_epochs=4",
+                  "minillm.max_new_tokens=12", "train.eval_every=0", "checkpoint.every_steps=1"]
+
+
+def test_steps_spanning_rounds_at_minillm_ratios_resume_exactly(synth_data, stage1_run, tmp_path):
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    _stage2(synth_data, stage1_run, uninterrupted, *MINILLM_RATIOS)
+    stopped = _stage2(synth_data, stage1_run, resumed, *MINILLM_RATIOS, "run.stop_at_step=1", check=False)
+    assert stopped.returncode != 0 and "exitcode: 75" in stopped.stderr
+    _stage2(synth_data, stage1_run, resumed, *MINILLM_RATIOS)
+    expected, got = metrics(uninterrupted), metrics(resumed)
+    assert [line["step"] for line in got] == [line["step"] for line in expected] == [1, 2, 3]
+    assert expected[0]["lr"] < expected[1]["lr"], "warm-up"
+    for want, line in zip(expected, got):
+        for key in ("loss", "pg_loss", "single_step_loss", "pt_loss", "rev_kl", "clip_frac", "reward", "w_max"):
+            assert line[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
+    assert got[2]["val_loss"] == pytest.approx(expected[2]["val_loss"], abs=1e-6)
