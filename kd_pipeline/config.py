@@ -109,6 +109,8 @@ class DataConfig:
     """Samples in the shuffle buffer (holds undecoded bytes)."""
     max_image_pixels: int = 178_956_970
     """Images with more pixels than this are rejected as decompression bombs."""
+    packing: bool = True
+    """Pack several samples per row of training, validation and D_PT batches (padding-free; position ids restart per sample, attention stays within it): same loss as padding, same samples per step. Stage-2 rollouts are never packed."""
 
 
 @dataclass(frozen=True)

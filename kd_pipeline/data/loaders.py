@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 
 from kd_pipeline.data import pipeline
-from kd_pipeline.data.collate import collate_left_padded, collate_right_padded, padding_batch
+from kd_pipeline.data.collate import collate_left_padded, padding_batch, training_collate
 from kd_pipeline.data.manifest import SplitShards, read_split
 from kd_pipeline.data.samples import (BadSample, BadSampleLog, EncodingSettings, InstructEncoder, PretrainEncoder,
                                       PromptEncoder)
@@ -206,9 +206,9 @@ def _settings(data_cfg, tokenizer, image_size: int, num_image_tokens: int, max_l
 def build_train_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: int, micro_batch_size: int,
                        rank: int, world_size: int, seed: int, split: str = "train",
                        state: LoaderState | None = None, pin_memory: bool = False) -> TrainLoader:
-    """Instruction-tuning batches (right-padded, GeoChat labels) from ``data_cfg.shards``."""
+    """Instruction-tuning batches (GeoChat labels; packed per ``data_cfg.packing``) from ``data_cfg.shards``."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, data_cfg.max_length)
-    collate = functools.partial(collate_right_padded, pad_id=tokenizer.pad_token_id, image_size=image_size)
+    collate = training_collate(data_cfg, pad_id=tokenizer.pad_token_id, image_size=image_size)
     return TrainLoader(loader="train", split=read_split(data_cfg.shards, split), encoder=InstructEncoder(settings),
                        collate=collate, seed=seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, micro_batch_size=micro_batch_size,
@@ -220,7 +220,7 @@ def build_pt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: i
                     state: LoaderState | None = None, pin_memory: bool = False) -> TrainLoader:
     """Pre-training batches (``BOS + text + EOS``, all supervised) from ``data_cfg.pt_shards``."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, max_length or data_cfg.max_length)
-    collate = functools.partial(collate_right_padded, pad_id=tokenizer.pad_token_id, image_size=image_size)
+    collate = training_collate(data_cfg, pad_id=tokenizer.pad_token_id, image_size=image_size)
     return TrainLoader(loader="pt", split=read_split(data_cfg.pt_shards, "pt"), encoder=PretrainEncoder(settings),
                        collate=collate, seed=seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, micro_batch_size=micro_batch_size,
@@ -312,7 +312,7 @@ def build_eval_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens:
                       rank: int, world_size: int, split: str = "val", max_batches: int = 0) -> EvalLoader:
     """Validation batches (training format plus ``is_padding``); ``max_batches`` > 0 caps them (train.eval_batches)."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, data_cfg.max_length)
-    collate = functools.partial(collate_right_padded, pad_id=tokenizer.pad_token_id, image_size=image_size)
+    collate = training_collate(data_cfg, pad_id=tokenizer.pad_token_id, image_size=image_size)
     padding = padding_batch(bos_id=tokenizer.bos_token_id, image_token_id=settings.image_token_id,
                             num_image_tokens=num_image_tokens, image_size=image_size)
     # One background worker overlaps decoding with the model's forward; val is read once, so no more are needed.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kd_pipeline.data.packing import forward_batch
 from kd_pipeline.losses import FeatureProjector, alignment_loss, fused_stage1_loss, fused_token_kl, token_kl
 from kd_pipeline.models import unwrap_model as unwrap_llava
 from kd_pipeline.prompts import IGNORE_INDEX
@@ -41,8 +42,7 @@ def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tens
     pixel_values = batch.get("pixel_values")
     if pixel_values is not None and pixel_values.shape[0] == 0:
         pixel_values = None
-    output = core.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch.get("position_ids"), pixel_values=pixel_values, use_cache=False)
+    output = forward_batch(core.model, batch, pixel_values=pixel_values)  # padded or packed (data/packing.py)
     if output.image_outputs is not None:
         return output.last_hidden_state, torch.stack(list(output.image_outputs.pooler_output))  # (N_img, T_img, H)
     size = core.config.vision_config.image_size

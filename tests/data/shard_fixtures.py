@@ -109,6 +109,6 @@ def even_train_shards(num_shards: int, per_shard: int, *, first_index: int = 0) 
 
 
 def data_config(folder: Path, *, num_workers: int = 2, shuffle_buffer: int = 8, pt_folder: Path | None = None,
-                max_length: int = 2048) -> DataConfig:
+                max_length: int = 2048, packing: bool = True) -> DataConfig:
     return DataConfig(shards=str(folder), pt_shards=str(pt_folder or ""), num_workers=num_workers,
-                      shuffle_buffer=shuffle_buffer, max_length=max_length)
+                      shuffle_buffer=shuffle_buffer, max_length=max_length, packing=packing)

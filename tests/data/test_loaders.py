@@ -20,10 +20,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def build(folder, tokenizer, *, rank=0, world_size=1, micro_batch_size=3, num_workers=2, state=None, seed=0,
-          builder=build_train_loader, **extra):
-    return builder(data_config(folder, num_workers=num_workers), tokenizer=tokenizer, image_size=IMAGE_SIZE,
-                   num_image_tokens=NUM_IMAGE_TOKENS, micro_batch_size=micro_batch_size, rank=rank,
-                   world_size=world_size, seed=seed, state=state, **extra)
+          builder=build_train_loader, packing=True, **extra):
+    return builder(data_config(folder, num_workers=num_workers, packing=packing), tokenizer=tokenizer,
+                   image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS, micro_batch_size=micro_batch_size,
+                   rank=rank, world_size=world_size, seed=seed, state=state, **extra)
 
 
 def take(loader, count):
@@ -65,7 +65,7 @@ def test_two_ranks_two_workers_see_disjoint_samples_covering_the_split(even_shar
 
 
 def test_batches_have_the_documented_fields(even_shards, tokenizer):
-    batch = take(build(even_shards, tokenizer, num_workers=0), 1)[0]
+    batch = take(build(even_shards, tokenizer, num_workers=0, packing=False), 1)[0]   # packed: test_packing.py
     rows, length = batch["input_ids"].shape
     assert rows == 3 and batch["labels"].shape == batch["attention_mask"].shape == (rows, length)
     assert batch["pixel_values"].shape == (int(batch["has_image"].sum()), 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -237,7 +237,7 @@ def test_validation_is_exactly_once_with_equal_batch_counts(tmp_path, tokenizer)
 def test_pretrain_loader_supervises_all_text(tmp_path, tokenizer):
     pt = [[pretrain_sample(3 * shard + i, with_image=(i == 0)) for i in range(3)] for shard in range(2)]
     folder = write_shard_folder(tmp_path / "pt", {"pt": pt}, kind="pretrain")
-    config = data_config(tmp_path / "unused", num_workers=1, pt_folder=folder)
+    config = data_config(tmp_path / "unused", num_workers=1, pt_folder=folder, packing=False)  # packed: test_packing
     loader = build_pt_loader(config, tokenizer=tokenizer, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS,
                              micro_batch_size=3, rank=0, world_size=1, seed=0)
     batches = take(loader, loader.steps_per_epoch)
