@@ -7,10 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+# The accelerator is left alone where an NVIDIA GPU is visible (DeepSpeed then picks CUDA, runs use bf16); only
+# without one is DeepSpeed told up front that it is on the CPU. `DS_ACCELERATOR=cpu make ...` still forces the CPU.
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo demo-quick bench clean
+.PHONY: setup test test-fast test-gpu demo demo-quick bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +32,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"
 
+# The GPU tier alone (skipped, with the reason, without CUDA).
+test-gpu: setup
+	$(PY) -m pytest -q tests -m gpu
+
 demo: setup
 	$(PY) -m kd_pipeline.demo --out demo_out
 
@@ -36,6 +44,11 @@ demo-quick: setup
 
 bench: setup
 	$(PY) -m bench.run_all
+
+# One prepared device check (about 8 minutes on one H100/H200): the GPU tier, the CUDA benchmarks and stage-1 MFU,
+# written to bench/results/*_cuda.json.
+gpu-check: setup
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf demo_out demo_out_quick .pytest_cache

@@ -1,13 +1,33 @@
-"""Shared fixtures: offline mode, and a small real SentencePiece tokenizer trained once per session."""
+"""Shared fixtures: offline mode, a small real SentencePiece tokenizer trained once per session, and the GPU tier.
+
+The GPU tier: tests marked ``gpu`` (``pytest -m gpu``; ``make gpu-check`` runs them) need CUDA and are skipped,
+with the reason, where torch sees none. Where CUDA is present nothing here forces the CPU: DeepSpeed picks the GPU
+(tests that are about the CPU path, such as the 2-rank gloo runs, ask for it themselves).
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+if not CUDA_AVAILABLE:
+    # DeepSpeed would fall back to the CPU by itself, with a warning at every import; say it once here.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+NO_CUDA_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False here); run `pytest -m gpu` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 TOKENIZER_TEXTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.config import ModelConfig
 from kd_pipeline.data import build_pt_loader, build_train_loader, packing
 from kd_pipeline.data.collate import collate_packed, collate_right_padded
-from kd_pipeline.data.samples import EncodedItem
-from kd_pipeline.engine.modules import LossSettings, StudentModule, TeacherModule, TeacherOutputs
-from kd_pipeline.models import build_model
 from kd_pipeline.prompts import IGNORE_INDEX
+from tests import batch_cases as cases
 
 from shard_fixtures import (IMAGE_SIZE, NUM_IMAGE_TOKENS, RawSample, data_config, instruct_sample, png_bytes,
                             write_shard_folder)
-
-VOCAB, IMAGE_ID, PAD_ID, BOS_ID, EOS_ID = 64, 63, 0, 1, 2
 
 
 def unpack(batch: dict) -> list[tuple[list[int], list[int]]]:
@@ -32,25 +27,6 @@ def unpack(batch: dict) -> list[tuple[list[int], list[int]]]:
         starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
         samples += [(ids[start:end], labels[start:end]) for start, end in itertools.pairwise(starts)]
     return samples
-
-
-def make_item(index: int, length: int, *, image: bool, generator: torch.Generator) -> EncodedItem:
-    """BOS, [image block], prompt (unsupervised), answer + EOS (supervised): a GeoChat-shaped sample."""
-    answer = 3 + index % 3
-    prompt = length - 1 - answer - 1 - (NUM_IMAGE_TOKENS if image else 0)
-    body = torch.randint(3, IMAGE_ID, (prompt + answer,), generator=generator).tolist()
-    input_ids = [BOS_ID] + [IMAGE_ID] * (NUM_IMAGE_TOKENS if image else 0) + body + [EOS_ID]
-    labels = [IGNORE_INDEX] * (len(input_ids) - answer - 1) + input_ids[-answer - 1:]
-    pixels = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).numpy() if image else None
-    return EncodedItem(f"k{index}", input_ids, labels, pixels)
-
-
-def micro_batch() -> list[EncodedItem]:
-    """Six samples whose lengths pack into 4 rows of 20 (first-fit decreasing: [20] [12 8] [11 9] [7])."""
-    generator = torch.Generator().manual_seed(0)
-    lengths, with_image = [20, 9, 11, 8, 12, 7], [True, False, True, True, False, False]
-    return [make_item(index, length, image=image, generator=generator)
-            for index, (length, image) in enumerate(zip(lengths, with_image))]
 
 
 # ------------------------------------------------------------------------------------------- plan and layout
@@ -70,9 +46,9 @@ def test_plan_rows_is_first_fit_decreasing_within_capacity():
 
 
 def test_packed_layout_restarts_positions_and_holds_the_padded_samples():
-    items = micro_batch()
-    padded = collate_right_padded(items, pad_id=PAD_ID, image_size=IMAGE_SIZE)
-    packed = collate_packed(items, pad_id=PAD_ID, image_size=IMAGE_SIZE)
+    items = cases.micro_batch()
+    padded = collate_right_padded(items, pad_id=cases.PAD_ID, image_size=cases.IMAGE_SIZE)
+    packed = collate_packed(items, pad_id=cases.PAD_ID, image_size=cases.IMAGE_SIZE)
     assert packed["packed"] and packed["input_ids"].shape == (4, 20)
     assert packed["keys"] == ["k0", "k4", "k3", "k2", "k1", "k5"]       # layout order: row by row
     assert packed["position_ids"][1].tolist() == list(range(12)) + list(range(8))
@@ -160,25 +136,6 @@ def test_pretrain_batches_pack_with_every_text_token_supervised_but_each_first(t
 # ------------------------------------------------------------------------------------------- losses
 
 
-def tiny_model(hidden: int, layers: int, seed: int, attention: str):
-    torch.manual_seed(seed)
-    config = ModelConfig(arch="tiny", hidden_size=hidden, num_layers=layers, num_heads=4, intermediate_size=2 * hidden,
-                         vision_hidden_size=16, vision_layers=2, vision_heads=2, image_size=IMAGE_SIZE,
-                         patch_size=14, attn_implementation=attention)
-    return build_model(config, vocab_size=VOCAB, image_token_id=IMAGE_ID)
-
-
-def loss_and_grads(student: StudentModule, teacher: TeacherModule | None, batch: dict, settings: LossSettings):
-    student.zero_grad(set_to_none=True)
-    teacher_outputs = None
-    if teacher is not None:
-        teacher_outputs = TeacherOutputs(*teacher(batch), teacher.head_weight)
-    terms = student.supervised_terms(batch, teacher_outputs, settings)
-    terms["loss"].backward()
-    grads = {name: param.grad.clone() for name, param in student.named_parameters() if param.grad is not None}
-    return {name: float(value.detach()) for name, value in terms.items()}, grads
-
-
 @pytest.fixture(params=["sdpa", "eager", "one_row"])
 def attention(request, monkeypatch):
     """The attention the packed batch is run with; ``one_row`` is flash-attn's layout (every real token in one
@@ -189,21 +146,14 @@ def attention(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("stage", ["sft", "kd_sft", "kd_sft_plain_kl"])
+@pytest.mark.parametrize("stage", sorted(cases.KD_SETTINGS))
 def test_packed_loss_and_gradients_equal_the_padded_batch(attention, stage):
-    items = micro_batch()
-    padded = collate_right_padded(items, pad_id=PAD_ID, image_size=IMAGE_SIZE)
-    packed = collate_packed(items, pad_id=PAD_ID, image_size=IMAGE_SIZE)
-    teacher = None
-    settings = LossSettings()
-    if stage != "sft":
-        teacher = TeacherModule(tiny_model(48, 3, seed=1, attention=attention))
-        teacher.gather_head(VOCAB)
-        settings = LossSettings(alpha_kd=0.6, temperature=2.0, align_weight=0.3, fused=stage == "kd_sft",
-                                chunk_size=5)
-    student = StudentModule(tiny_model(32, 2, seed=0, attention=attention), 48 if teacher is not None else None)
-    want_terms, want_grads = loss_and_grads(student, teacher, padded, settings)
-    got_terms, got_grads = loss_and_grads(student, teacher, packed, settings)
+    items = cases.micro_batch()
+    padded = collate_right_padded(items, pad_id=cases.PAD_ID, image_size=cases.IMAGE_SIZE)
+    packed = collate_packed(items, pad_id=cases.PAD_ID, image_size=cases.IMAGE_SIZE)
+    student, teacher = cases.student_and_teacher(stage, attention)
+    want_terms, want_grads = cases.loss_and_grads(student, teacher, padded, cases.KD_SETTINGS[stage])
+    got_terms, got_grads = cases.loss_and_grads(student, teacher, packed, cases.KD_SETTINGS[stage])
     assert got_terms.keys() == want_terms.keys() and want_terms["loss"] > 0
     for name, value in want_terms.items():
         assert got_terms[name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
@@ -212,5 +162,5 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(attention, stage):
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
     # The test can fail: the packed rows run with their token mask as a 2-D attention mask let samples see each
     # other, and the loss moves.
-    leaky_terms, _ = loss_and_grads(student, teacher, {**packed, "packed": False}, settings)
+    leaky_terms, _ = cases.loss_and_grads(student, teacher, {**packed, "packed": False}, cases.KD_SETTINGS[stage])
     assert abs(leaky_terms["loss"] - want_terms["loss"]) > 1e-3
