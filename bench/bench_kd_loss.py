@@ -11,9 +11,10 @@ student hidden states and LM-head weight; the teacher side is constant):
     fused           `fused_token_kl` (per-token outputs; backward recomputes logits per chunk)
     fused_weighted  `fused_kl_loss` (weights known up front; gradients formed in the forward)
     trl             TRL's `GKDTrainer.generalized_jsd_loss` on full logits (beta 1 = reverse KL,
-                    beta 0 = forward KL), CPU only
+                    beta 0 = forward KL)
 On CUDA: plain, fused and fused_weighted with the chunked torch path ("chunked") and the Triton
-kernels ("triton"), and Liger's fused-linear JSD with beta 1 when liger_kernel is importable.
+kernels ("triton"), TRL, and Liger's fused-linear JSD with beta 1. TRL and Liger are optional peers:
+one that is not importable is reported with its import error.
 
 Every measurement runs in its own process (this script with --worker), so one method's allocator
 state cannot colour another's. CPU memory is the increase of the process's peak RSS (VmHWM, reset
@@ -57,6 +58,7 @@ CUDA_METHODS = (
     "chunked_fused_weighted",
     "triton_fused",
     "triton_fused_weighted",
+    "trl",
     "liger",
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -181,7 +181,8 @@ def run(args) -> dict:
     sizes = SIZES["tiny" if args.tiny else "full"]
     runtime = init_runtime()
     if args.device == "cuda" and runtime.device.type != "cuda":
-        raise SystemExit("bench_stage1_mfu: --device cuda, but the runtime found no CUDA device (or DS_ACCELERATOR=cpu)")
+        raise SystemExit("bench_stage1_mfu: --device cuda, but the runtime found no CUDA device "
+                         "(or DS_ACCELERATOR=cpu is set)")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = write_word_tokenizer(Path(scratch) / "tokenizer", sizes["vocab"])
         config = run_config(sizes, tokenizer, args.micro_batch_size, 2 * (args.warmup + args.steps))

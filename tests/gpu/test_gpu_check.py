@@ -91,9 +91,9 @@ def test_tier_summary_counts_outcomes_and_keeps_failure_messages(tmp_path):
     junit = tmp_path / "tier.xml"
     junit.write_text("""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
 <testcase classname="tests.gpu.test_a" name="test_ok" time="0.1"/>
-<testcase classname="tests.gpu.test_a" name="test_bad" time="0.1"><failure message="assert 1 == 2">trace</failure></testcase>
-<testcase classname="tests.gpu.test_b" name="test_err" time="0.1"><error message="fixture broke">trace</error></testcase>
-<testcase classname="tests.gpu.test_b" name="test_flash" time="0"><skipped message="flash-attn is not installed"/></testcase>
+<testcase classname="tests.gpu.test_a" name="test_bad"><failure message="assert 1 == 2">trace</failure></testcase>
+<testcase classname="tests.gpu.test_b" name="test_err"><error message="fixture broke">trace</error></testcase>
+<testcase classname="tests.gpu.test_b" name="test_flash"><skipped message="flash-attn is not installed"/></testcase>
 </testsuite></testsuites>""")
     summary = gpu_check.tier_summary(junit)
     assert {key: summary[key] for key in ("tests", "passed", "failed", "skipped")} == \
