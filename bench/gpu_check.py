@@ -60,7 +60,9 @@ def plan_parts(results: Path, dry_run: bool) -> list[Part]:
     def out(stem: str) -> str:
         return str(results / f"{stem}_{suffix}.json")
 
-    tier = ["-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+    # Four pytest-xdist workers, one test file each at a time: the 1-GPU runs (the longest file) overlap the kernel
+    # and sampler tests; the tiny models leave the GPU plenty of room for all four.
+    tier = ["-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider", "-n", "4", "--dist", "loadfile",
             "--junitxml", str(results / "logs" / f"gpu_tier_{suffix}.xml"), "tests/gpu" if dry_run else "tests"]
     mfu = ["bench/bench_stage1_mfu.py", "--device", device, "--output", out("stage1_mfu")]
     kd_loss = ["bench/bench_kd_loss.py", "--device", device, "--output", out("kd_loss")]
@@ -71,10 +73,10 @@ def plan_parts(results: Path, dry_run: bool) -> list[Part]:
         sampler += ["--quick", "--skip-zero3", "--repeats", "1"]
     else:
         kd_loss += ["--dtype", "bf16", "--hidden", "4096", "--n", "8192", "--repeats", "3"]
-    return [Part("gpu_tier", tuple(tier), 300, out("gpu_tier")),
-            Part("stage1_mfu", tuple(mfu), 180, out("stage1_mfu")),
-            Part("kd_loss", tuple(kd_loss), 150, out("kd_loss")),
-            Part("sampler", tuple(sampler), 150, out("sampler"))]
+    return [Part("gpu_tier", tuple(tier), 270, out("gpu_tier")),
+            Part("stage1_mfu", tuple(mfu), 150, out("stage1_mfu")),
+            Part("kd_loss", tuple(kd_loss), 120, out("kd_loss")),
+            Part("sampler", tuple(sampler), 120, out("sampler"))]
 
 
 def tier_summary(junit_xml: Path) -> dict:
