@@ -55,6 +55,9 @@ TEMPORARY_SUFFIX = ".tmp"
 FAIL_AFTER_SHARDS_ENV = "DATA_PREP_TEST_FAIL_AFTER_SHARDS"
 _TAR_BLOCK = 512
 _JSON_SIZE_SLACK = 64  # width/height/ext are filled in after planning; the estimate leaves room for them
+# tarfile copies a member's bytes in pieces of this size (its default, 16 KiB, costs a third more CPU on 200 KB
+# images); one piece holds a typical image.
+_COPY_BUFFER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -176,13 +179,33 @@ def _tar_info(member_name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+class _HashingWriter:
+    """Write-through wrapper of a binary file that hashes (sha256) and counts the bytes on their way out, so a
+    written shard need not be read back to be hashed."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self._stream.write(data)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+
 def write_shard(job: ShardJob, out_dir: str) -> ShardResult:
     """Check every image of the job, write the shard atomically and record the result under ``.progress/``."""
     final_path = os.path.join(out_dir, job.name)
     temporary_path = final_path + TEMPORARY_SUFFIX
     result = ShardResult(job.name, job.split, samples=0, bytes=0, sha256="")
     with open(temporary_path, "wb") as raw_stream:
-        with tarfile.open(fileobj=raw_stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        hashing_stream = _HashingWriter(raw_stream)
+        with tarfile.open(fileobj=hashing_stream, mode="w", format=tarfile.USTAR_FORMAT,
+                          copybufsize=_COPY_BUFFER_BYTES) as tar:
             for spec in job.samples:
                 meta = dict(spec.meta)
                 members = []
@@ -207,8 +230,8 @@ def write_shard(job: ShardJob, out_dir: str) -> ShardResult:
         raw_stream.flush()
         os.fsync(raw_stream.fileno())
     os.replace(temporary_path, final_path)
-    result.bytes = os.path.getsize(final_path)
-    result.sha256 = sha256_file(final_path)
+    result.bytes = hashing_stream.size
+    result.sha256 = hashing_stream.digest.hexdigest()
     progress_path = os.path.join(out_dir, PROGRESS_DIR, job.name + ".json")
     write_bytes_atomic(progress_path, json_bytes({"fingerprint": job.fingerprint, "result": asdict(result)}))
     return result

@@ -14,20 +14,29 @@ Typical use in a recipe::
     save_loader_state(checkpoint_dir, "train", rank, loader.state_dict())   # every rank, at every checkpoint
 """
 
-from kd_pipeline.data.loaders import (EvalLoader, TrainLoader, build_eval_loader, build_eval_prompt_loader,
-                                      build_prompt_loader, build_pt_loader, build_train_loader)
-from kd_pipeline.data.state import LoaderState, LoaderStateError, load_loader_state, save_loader_state
+import importlib
 
-__all__ = [
-    "EvalLoader",
-    "LoaderState",
-    "LoaderStateError",
-    "TrainLoader",
-    "build_eval_loader",
-    "build_eval_prompt_loader",
-    "build_prompt_loader",
-    "build_pt_loader",
-    "build_train_loader",
-    "load_loader_state",
-    "save_loader_state",
-]
+# Re-exports, imported on first use (PEP 562): a light submodule such as ``kd_pipeline.data.images`` (imported by
+# data_prep's shard workers) must not pull in torch through ``loaders``.
+_EXPORTS = {
+    "EvalLoader": "loaders",
+    "TrainLoader": "loaders",
+    "build_eval_loader": "loaders",
+    "build_eval_prompt_loader": "loaders",
+    "build_prompt_loader": "loaders",
+    "build_pt_loader": "loaders",
+    "build_train_loader": "loaders",
+    "LoaderState": "state",
+    "LoaderStateError": "state",
+    "load_loader_state": "state",
+    "save_loader_state": "state",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
