@@ -11,22 +11,30 @@ Two entry points, because "when are the gradients formed" has two right answers:
 - `fused_token_kl` returns *per-token* values (kl, target_logprob) that the caller weights freely,
   including weights known only after the forward (stage 2's PPO-clipped ratio depends on the
   log-prob itself). The weight gradient of sum_t g_t * kl_t is sum_t g_t * dlogits_t^T h_t: it
-  cannot be stored per token without an (N, V) tensor, and the g_t are unknown in forward. So
-  forward keeps O(N) statistics (log-sum-exps and the KL) and backward recomputes each chunk's
-  logits (two GEMMs), forms the chunk's logits gradient scaled by the upstream gradients, and
-  contracts it into the hidden and weight gradients at once. Exact for any upstream gradient, at
-  the cost of 6 GEMMs instead of the plain path's 4.
+  cannot be stored per token without an (N, V) tensor. Two ways out:
+  * `loss_share` given (stage 2): the caller states, as a function of a chunk's per-token values,
+    that chunk's share of the loss it will build from the outputs (a sum of per-token terms, e.g.
+    the PPO term plus the single-step mean). Forward then forms each chunk's gradient with the
+    upstream weights that share implies (autograd on O(C) values) and contracts it right away:
+    4 GEMMs, like `fused_kl_loss`. Backward checks the upstream gradients it actually receives:
+    a common factor (gradient accumulation, loss scaling) scales the stored gradients, and rows
+    that still differ are recomputed with the difference (linearity), so the result is exact for
+    any upstream gradient; only a share that does not match the loss costs time.
+  * no `loss_share`: forward keeps O(N) statistics (log-sum-exps and the KL) and backward
+    recomputes each chunk's logits (two GEMMs), forms the chunk's logits gradient scaled by the
+    upstream gradients, and contracts it into the hidden and weight gradients at once: 6 GEMMs.
 - `fused_kl_loss` takes the per-token weights up front and returns the reduced loss
   sum_t kl_weights_t * kl_t + logprob_weights_t * target_logprob_t. Each chunk's gradient is
   formed inside the forward and contracted right away (Liger's pattern: 4 GEMMs, no recompute);
   backward only scales the stored hidden/weight gradients by the scalar upstream gradient. Use it
   whenever the weights are known in forward (stage 1's tau^2 / count and -1 / count, stage 2's
-  single-step and pre-training terms). The per-token values come back detached, for logging.
+  pre-training term). The per-token values come back detached, for logging.
 
 Measured on this project's 2-core CPU (bench/bench_kd_loss.py, N 4096, H 1024, V 32000, reverse
-KL, process CPU time over two runs on a shared machine): `fused_kl_loss` 0.15x the plain path's
-peak memory at 0.92-1.07x its time, `fused_token_kl` 0.11x the memory at 1.40-1.53x the time (its
-two recomputed GEMMs).
+KL, process CPU time on a shared machine; the README's benchmark table has the current run):
+`fused_token_kl` with a loss share and `fused_kl_loss` take about the plain path's time at 0.11-0.15x
+its peak memory; without a share `fused_token_kl` pays its two recomputed GEMMs. The per-row maths
+works in (C, V) buffers allocated once per call (`row_maths`).
 
 Precision: logits come from fp32 GEMMs (CPU: fp32 operands; CUDA with bf16/fp16 operands:
 `torch.mm(..., out_dtype=torch.float32)`, i.e. fp32 accumulation and output), never from a
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,6 +78,10 @@ BACKENDS = ("auto", "torch", "triton")
 # CPU: measured with bench/bench_kd_loss.py (GEMMs of fewer rows run markedly slower; a few chunk
 # buffers must stay well under the plain path's footprint). CUDA: a starting point for the GPU run.
 DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+
+
+# loss_share(kl (C,), target_logprob (C,) or None, positions (C,) int64) -> 0-d share of the loss
+LossShare = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
 class FusedTokenKL(NamedTuple):
@@ -139,6 +152,12 @@ class _ValidTokens:
     def keep(self, per_token: torch.Tensor | None) -> torch.Tensor | None:
         """(N, ...) -> (N_valid, ...) for a flat per-token tensor."""
         return _keep(per_token, self.valid_index)
+
+    def positions(self) -> torch.Tensor:
+        """(N_valid,) int64 index of each valid row in the flattened tokens."""
+        if self.valid_index is not None:
+            return self.valid_index
+        return torch.arange(self.num_tokens, device=self.student_hidden.device)
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """(N_valid,) -> token_shape with zeros at ignored positions (differentiable)."""
@@ -236,6 +255,7 @@ def fused_token_kl(
     mask: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
+    loss_share: LossShare | None = None,
 ) -> FusedTokenKL:
     """Per-token KL (and target log-prob) from hidden states and LM-head weights, chunk by chunk.
 
@@ -256,13 +276,22 @@ def fused_token_kl(
         mask: (...) bool, False marks positions to ignore (prompt, padding).
         ignore_index: the target value meaning "no target here".
         backend: "auto" (Triton on CUDA when importable, else torch), "torch" or "triton".
+        loss_share: optional ``loss_share(kl, target_logprob, positions) -> 0-d tensor``: the share
+            of the loss the caller will backpropagate that the given tokens contribute, where kl
+            and target_logprob are (C,) values of some valid tokens (target_logprob None without
+            targets) and positions (C,) int64 their indices into the flattened leading dims (so
+            ``per_token.reshape(-1)[positions]`` picks the caller's data for them). The loss must be
+            the sum of these shares over all valid tokens, each token's term depending on its own
+            values only (a token mean divides by a count fixed beforehand). Given, the gradients
+            are formed in forward (see the module docstring); backward stays exact regardless.
 
     Returns:
         FusedTokenKL(kl, target_logprob) of (...) fp32 tensors: at valid positions equal to
         `token_kl(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, ...)` and
         `target_logprob(student_hidden @ student_weight.T, targets)`; 0 with zero gradient at
         ignored positions (mask False, or targets == ignore_index). Backward is exact for any
-        upstream gradient on either output and recomputes the logits chunk by chunk.
+        upstream gradient on either output: it recomputes the logits chunk by chunk, of the tokens
+        whose upstream gradient the loss share did not predict (all of them without a share).
     """
     settings = _settings(
         direction, temperature, chunk_size, backend, student_weight.shape[0], student_hidden.device
@@ -270,6 +299,13 @@ def fused_token_kl(
     tokens = _select_valid_tokens(
         student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask, ignore_index
     )
+    chunk_share = None
+    if loss_share is not None:
+        positions = tokens.positions()  # (N_valid,)
+
+        def chunk_share(kl, target_logprob, chunk):
+            return loss_share(kl, target_logprob if targets is not None else None, positions[chunk])
+
     kl, target_logprob = PerTokenKL.apply(
         tokens.student_hidden,
         student_weight,
@@ -277,6 +313,7 @@ def fused_token_kl(
         teacher_weight.detach()[: student_weight.shape[0]],
         tokens.targets,
         settings,
+        chunk_share,
     )  # (N_valid,), (N_valid,)
     return FusedTokenKL(
         kl=tokens.scatter(kl),

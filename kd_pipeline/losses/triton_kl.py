@@ -188,8 +188,10 @@ def row_stats(
     reverse: bool,
     temperature: float,
     block_size: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RowStats:
-    """Triton twin of `row_maths.row_stats`: (C, V) fp32 logits -> per-row statistics (C,)."""
+    """Triton twin of `row_maths.row_stats`: (C, V) fp32 logits -> per-row statistics (C,).
+    ``workspace`` is accepted for the common contract and unused: the kernels keep their state in registers."""
     _check_logits(student_logits, teacher_logits)
     num_rows, vocab_size = student_logits.shape
     outputs = torch.empty(5, num_rows, dtype=torch.float32, device=student_logits.device)
@@ -228,8 +230,10 @@ def row_logit_grad(
     reverse: bool,
     temperature: float,
     block_size: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Triton twin of `row_maths.row_logit_grad`; overwrites and returns student_logits (C, V)."""
+    """Triton twin of `row_maths.row_logit_grad`; overwrites and returns student_logits (C, V).
+    ``workspace`` is unused, as in `row_stats`."""
     _check_logits(student_logits, teacher_logits)
     num_rows, vocab_size = student_logits.shape
     has_logprob_grad = targets is not None and grad_logprob is not None
