@@ -12,7 +12,7 @@ Two clocks: wall time, and CPU time (user + system of this process and its child
 which a shared machine disturbs less. ``shard_throughput_vs_tar`` is tar's time over shard's (the issue's measure:
 1.0 means as fast as tar); ``shard_over_tar_*_ratio`` its inverse. Shard uses ``--workers`` cores and tar one, so
 the CPU ratio is the cost per byte and the wall ratio what a user waits. Results go to
-``bench/results/sharding_cpu.json``.
+``bench/results/sharding_cpu.json`` (``sharding_cpu_quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (ignored with --quick)")
     parser.add_argument("--workers", type=int, default=2, help="shard writer processes")
     parser.add_argument("--work-dir", default=None, help="scratch directory (default: system temp)")
-    parser.add_argument("--out", default=str(REPOSITORY_ROOT / "bench/results/sharding_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default bench/results/sharding_cpu.json, with --quick sharding_cpu_quick.json)")
     return parser
 
 
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "pillow": PIL.__version__,
         "machine": platform.machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out or REPOSITORY_ROOT / f"bench/results/sharding_cpu{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
         print(f"{key:<28} {value}")
     return 0

@@ -1,6 +1,7 @@
 """``make bench``: every benchmark in bench/, each in its own process, one after another (they measure ratios side
 by side inside one run, so the shared machine's noise cancels within each). Each writes JSON to bench/results/ and
-prints its table; this runner prints them in order and a summary of which succeeded.
+prints its table; this runner prints them in order, a summary of which succeeded, and the headline ratios read
+back from the JSON files (the numbers the README's benchmark table quotes).
 
     python -m bench.run_all [--quick] [--only NAME ...]
 """
@@ -8,6 +9,7 @@ prints its table; this runner prints them in order and a summary of which succee
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +18,45 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = ["bench_sharding", "bench_loader", "bench_kd_loss", "bench_sampler", "bench_step_overhead"]
+
+
+def _sharding_headlines(result: dict) -> list[str]:
+    return [f"shard vs tar throughput: {result['shard_throughput_vs_tar']}x wall, "
+            f"{result['shard_cpu_throughput_vs_tar']}x CPU time ({result['workers']} workers; 1.0 = as fast as tar)"]
+
+
+def _kd_loss_headlines(result: dict) -> list[str]:
+    largest = max(result["config"]["n"])
+    lines = []
+    for row in result["summary"]:
+        if row["n"] == largest and "fused" in row["method"] and "peak_vs_plain" in row:
+            time_key = "cpu_vs_plain" if row.get("cpu_vs_plain") is not None else "wall_vs_plain"
+            lines.append(f"{row['method']} / plain at N={largest}: {row[time_key]:.3f}x {time_key.split('_')[0]} "
+                         f"time, {row['peak_vs_plain']:.3f}x peak memory")
+    return lines
+
+
+# script -> (results file, or with --quick its _quick twin, and the lines it contributes to the summary)
+HEADLINES = {
+    "bench_sharding": ("sharding_cpu", _sharding_headlines),
+    "bench_kd_loss": ("kd_loss_cpu", _kd_loss_headlines),
+}
+
+
+def print_headlines(names: list[str], quick: bool) -> None:
+    """Headline ratios of the benchmarks that ran, from their JSON results."""
+    print("\n==== headline ratios ====")
+    for name in names:
+        if name not in HEADLINES:
+            continue
+        stem, headlines = HEADLINES[name]
+        path = BENCH / "results" / f"{stem}{'_quick' if quick else ''}.json"
+        try:
+            lines = headlines(json.loads(path.read_text()))
+        except (OSError, KeyError, ValueError) as error:
+            lines = [f"no result in {path.name} ({type(error).__name__}: {error})"]
+        for line in lines:
+            print(f"{name:<22} {line}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n==== summary ====")
     for name, (code, seconds) in outcomes.items():
         print(f"{name:<22} {'ok' if code == 0 else f'FAILED ({code})':<12} {seconds:7.0f} s")
+    print_headlines(list(outcomes), args.quick)
     return 0 if all(code == 0 for code, _ in outcomes.values()) else 1
 
 

@@ -193,16 +193,20 @@ class StudentModule(nn.Module):
         ``advantages``, ``weights``. ``rollout_teacher.hidden`` is the teacher's (B, T, Ht) at the positions that
         predict the response tokens (cached once per rollout round).
         """
-        from kd_pipeline.losses.minillm import policy_gradient_loss, single_step_loss
+        from kd_pipeline.losses.minillm import policy_gradient_loss, policy_loss_share, single_step_loss
 
         hidden, features = llava_hidden_and_features(self.llava, rollout)  # (B, P+T, Hs)
         response = rollout["response_tokens"]  # (B, T)
         mask = rollout["response_mask"].bool()  # (B, T)
         prompt_length = rollout["input_ids"].shape[1] - response.shape[1]
         student_hidden = hidden[:, prompt_length - 1:-1]  # (B, T, Hs): position P-1+t predicts response token t
+        # the share lets the fused head form this loss's gradient in its forward (no logits recompute in backward)
+        share = policy_loss_share(rollout["old_logprob"], rollout["advantages"], rollout["weights"], mask,
+                                  clip_eps=policy.clip_eps, single_step_weight=policy.single_step_weight)
         reverse_kl, logprob_new = fused_token_kl(
             student_hidden, self.head_weight, rollout_teacher.hidden, rollout_teacher.head_weight,
-            direction="reverse", chunk_size=policy.chunk_size, targets=response.masked_fill(~mask, IGNORE_INDEX))
+            direction="reverse", chunk_size=policy.chunk_size, targets=response.masked_fill(~mask, IGNORE_INDEX),
+            loss_share=share)
         pg_loss, clip_frac = policy_gradient_loss(logprob_new, rollout["old_logprob"], rollout["advantages"],
                                                   rollout["weights"], mask, clip_eps=policy.clip_eps)
         single = single_step_loss(reverse_kl, mask)

@@ -250,6 +250,35 @@ def single_step_loss(
     return _reduce(per_token, mask, reduction)
 
 
+def policy_loss_share(
+    logprob_old: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    single_step_weight: float = 1.0,
+):
+    """policy_gradient_loss(logprob_new, logprob_old, advantages, weights, mask, clip_eps) + single_step_weight ·
+    single_step_loss(kl, mask) (both token means) as the ``loss_share`` of `kd_pipeline.losses.fused_token_kl`,
+    which then forms this loss's gradient in its forward instead of recomputing logits in backward.
+
+    Arguments as for those two losses, (B, T) each. Returns ``share(kl, logprob, positions)``: the loss's part
+    from the tokens at the flat ``positions`` (both terms are sums over tokens divided by the valid count).
+    """
+    count = _valid(mask).sum().clamp(min=1)
+
+    def share(kl: torch.Tensor, logprob: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        def pick(per_token: torch.Tensor) -> torch.Tensor:
+            return per_token.reshape(-1)[positions][None]  # (1, C)
+
+        policy_sum, _ = policy_gradient_loss(logprob[None], pick(logprob_old), pick(advantages), pick(weights),
+                                             torch.ones_like(logprob[None]), clip_eps=clip_eps, reduction="sum")
+        return (policy_sum + single_step_weight * kl.sum()) / count
+
+    return share
+
+
 def pretrain_loss(lm_ce: torch.Tensor, forward_kd: torch.Tensor, kd_ratio: float = 0.5) -> torch.Tensor:
     """Loss on the D_PT batch (eq. 7 plus MiniLLM's distillation term): (1 − kd_ratio)·LM + kd_ratio·KD."""
     if not 0.0 <= kd_ratio <= 1.0:

@@ -1,7 +1,7 @@
 """fused_token_kl with a loss share (stage 2's call): gradients formed in forward, checked in backward.
 
 The caller's loss is stage 2's (PPO-clipped policy term on the target log-probs + single-step reverse KL token
-mean, from kd_pipeline.losses.minillm); the reference is the same loss on fp64 logits written out in
+mean, from kd_pipeline.losses.minillm; its share from minillm.policy_loss_share); the reference is the same loss on fp64 logits written out in
 test_fused_kl. Backward must give the reference gradients whatever the caller does with the outputs, and must
 not recompute logits for rows whose upstream gradient the share predicted.
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kd_pipeline.losses import chunked_autograd, fused_token_kl
-from kd_pipeline.losses.minillm import policy_gradient_loss, single_step_loss
+from kd_pipeline.losses.minillm import policy_gradient_loss, policy_loss_share, single_step_loss
 from tests.losses.test_fused_kl import (
     LargestTensor,
     assert_close,
@@ -55,19 +55,8 @@ def stage2_loss(kl, logprob, problem, old_logprob):
 
 
 def stage2_share(problem, old_logprob):
-    """The same loss, as the share of the tokens at ``positions`` (sums over tokens / the valid count)."""
-    count = problem["mask"].sum()
-
-    def share(kl, logprob, positions):
-        def pick(per_token):
-            return per_token.reshape(-1)[positions][None]  # (1, C)
-
-        policy, _ = policy_gradient_loss(logprob[None], pick(old_logprob), pick(problem["advantages"]),
-                                         pick(problem["weights"]), torch.ones_like(logprob[None]),
-                                         clip_eps=CLIP_EPS, reduction="sum")
-        return (policy + SINGLE_STEP_WEIGHT * kl.sum()) / count
-
-    return share
+    return policy_loss_share(old_logprob, problem["advantages"], problem["weights"], problem["mask"],
+                             clip_eps=CLIP_EPS, single_step_weight=SINGLE_STEP_WEIGHT)
 
 
 def reference(problem):
