@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from data_prep.image_integrity import IntegrityError, check_png, decode_reduced, jpeg_bytes_to_decode
-from kd_pipeline.data.images import pil_pixel_limit
+from kd_pipeline.data.pixel_limit import pil_pixel_limit
 
 # PIL raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (2 x 89,478,485); the same number is our default.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970

@@ -41,8 +41,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from tqdm import tqdm
-
 from data_prep.images import ImageRejected, read_image_file
 from data_prep.manifest import FORMAT_VERSION, json_bytes, write_bytes_atomic
 from data_prep.sources import sha256_file
@@ -316,6 +314,8 @@ def run_shard_jobs(
     ``known_rejects`` (records already rejected while screening) only feeds the progress bar; ``planned_names`` is
     the whole plan when ``jobs`` is one task's share of it (see ``remove_stale_outputs``).
     """
+    from tqdm import tqdm  # here, not at the top: every shard worker imports this module and shows no progress
+
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
     remove_stale_outputs(out_dir, jobs, shard_prefixes, planned_names)
     results: dict[str, ShardResult] = {}
@@ -352,6 +352,8 @@ def run_shard_jobs(
 def collect_finished_shards(jobs: list[ShardJob], out_dir: str) -> tuple[list[ShardResult], list[str]]:
     """The verified results of every planned shard (in plan order) and the names of those missing or not verifying
     (the merge step of a parallel run)."""
+    from tqdm import tqdm  # as in run_shard_jobs
+
     results, missing = [], []
     for job in tqdm(jobs, desc="checking shards", unit="shard", leave=False):
         finished = load_finished_shard(job, out_dir)

@@ -21,13 +21,12 @@ every call; the steps above are the same operations without that overhead (the t
 
 from __future__ import annotations
 
-import contextlib
 import io
-import warnings
-from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+from kd_pipeline.data.pixel_limit import pil_pixel_limit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,23 +45,6 @@ class ImageError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-@contextlib.contextmanager
-def pil_pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Make PIL's global bomb limit agree with ``max_pixels`` for one open; our explicit check decides.
-
-    PIL refuses images above twice its module-level ``MAX_IMAGE_PIXELS`` on its own, so a user limit above PIL's
-    default would otherwise be overridden by PIL.
-    """
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 def open_image(image_bytes: bytes, *, max_pixels: int) -> Image.Image:

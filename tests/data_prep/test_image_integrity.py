@@ -208,8 +208,9 @@ def test_jpeg_and_png_are_never_decoded_at_full_resolution(monkeypatch):
     assert decoded_sizes == [("JPEG", (64, 48)), ("JPEG", (64, 48))]  # libjpeg's 1/8 scale; PNG: none
 
 
-def test_shard_workers_import_neither_torch_nor_the_training_loaders():
-    # spawn workers import data_prep.sharding; torch alone took ~2.5 s of CPU per worker
-    code = "import sys, data_prep.sharding; print(sorted(m for m in ('torch', 'kd_pipeline.data.loaders') if m in sys.modules))"
+def test_shard_workers_import_neither_torch_nor_numpy():
+    # every spawned worker imports data_prep.sharding: torch took ~2.5 s of CPU there, numpy half of the rest
+    heavy = ("torch", "numpy", "kd_pipeline.data.loaders")
+    code = f"import sys, data_prep.sharding; print(sorted(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
