@@ -6,10 +6,10 @@ Runbook::
     .venv/bin/python bench/bench_sharding.py --workers 2      # 1000 JPEGs of 512x512, three repeats
 
 What is timed (median over repeats, page cache warmed first so that neither side pays for cold reads):
-``python -m data_prep shard`` run in-process (screening, image validation, tar writing, hashing, fsync, manifest;
-worker start-up included) against ``tar -cf`` of the image directory into the same work directory, alternating.
-Two clocks: wall time, and CPU time (user + system of this process and its children: the shard workers, tar),
-which a shared machine disturbs less. ``shard_throughput_vs_tar`` is tar's time over shard's (the issue's measure:
+``python -m data_prep shard`` as a user runs it (interpreter and worker start-up, screening, image validation, tar
+writing, hashing, fsync, manifest) against ``tar -cf`` of the image directory into the same work directory, both as
+child processes, alternating. Two clocks: wall time, and CPU time (user + system of the finished children, the
+shard workers included), which a shared machine disturbs less. ``shard_throughput_vs_tar`` is tar's time over shard's (the issue's measure:
 1.0 means as fast as tar); ``shard_over_tar_*_ratio`` its inverse. Shard uses ``--workers`` cores and tar one, so
 the CPU ratio is the cost per byte and the wall ratio what a user waits. Results go to
 ``bench/results/sharding_cpu.json`` (``sharding_cpu_quick.json`` with ``--quick``).
@@ -18,8 +18,6 @@ the CPU ratio is the cost per byte and the wall ratio what a user waits. Results
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -38,9 +36,6 @@ import PIL
 from PIL import Image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY_ROOT))  # run as a script from anywhere: make data_prep importable
-
-from data_prep import shard  # noqa: E402  (import after the path fix above)
 
 logger = logging.getLogger("bench_sharding")
 
@@ -82,32 +77,29 @@ def warm_page_cache(images: Path) -> None:
         path.read_bytes()
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished children (shard workers, tar)."""
-    return sum(usage.ru_utime + usage.ru_stime
-               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+def children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes (and the children they waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_command(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of ``command``; its output is discarded."""
+    started, cpu_started = time.perf_counter(), children_cpu_seconds()
+    subprocess.run(command, check=True, cwd=REPOSITORY_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started, children_cpu_seconds() - cpu_started
 
 
 def time_shard(instruct: Path, images: Path, out: Path, workers: int, shard_megabytes: float) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one shard run."""
     shutil.rmtree(out, ignore_errors=True)
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    with contextlib.redirect_stdout(io.StringIO()):  # shard prints its summary table; not wanted here
-        exit_code = shard.main(["--instruct", str(instruct), "--images", str(images), "--out", str(out),
-                                "--workers", str(workers), "--max-shard-mb", str(shard_megabytes),
-                                "--val-fraction", "0"])
-    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
-    if exit_code != 0:
-        raise RuntimeError(f"shard exited with {exit_code}")
-    return elapsed, cpu
+    return time_command([sys.executable, "-m", "data_prep", "shard", "--instruct", str(instruct), "--images",
+                         str(images), "--out", str(out), "--workers", str(workers), "--max-shard-mb",
+                         str(shard_megabytes), "--val-fraction", "0"])
 
 
 def time_tar(images: Path, archive: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one ``tar -cf``."""
     archive.unlink(missing_ok=True)
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    subprocess.run(["tar", "-cf", str(archive), "-C", str(images), "."], check=True)
-    return time.perf_counter() - started, cpu_seconds() - cpu_started
+    return time_command(["tar", "-cf", str(archive), "-C", str(images), "."])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 A full decode spends most of its time turning entropy-coded or deflated data into pixels; what it actually tells
 the shard writer is whether the data is complete and well formed. These checks answer that from the byte stream:
 
-JPEG (``jpeg_bytes_to_decode``, then ``decode_reduced`` on those bytes):
+JPEG (``plan_jpeg_check``, then ``decode_jpeg``):
 1. The marker walk, as libjpeg reads a file: after SOI, segments (a marker and a 2-byte length that must fit in the
    file) up to each SOS; after SOS, the entropy-coded data runs to the next marker other than RST0-7 (a stuffed
    ``FF 00`` is data), found by a regular expression in C; then segments again (a progressive file has several
@@ -11,9 +11,9 @@ JPEG (``jpeg_bytes_to_decode``, then ``decode_reduced`` on those bytes):
    that ends before EOI is truncated: this is what the full decode noticed ("image file is truncated"), and it is
    exactly what a reduced-size (draft) decode cannot be trusted for alone. Markers libjpeg does not know, a second
    SOI or SOF, a scan before the frame header and EOI before any scan are corrupt.
-2. libjpeg itself, at 1/8 scale (PIL's ``draft``), reads the headers up to the first scan closed by EOI, with
-   no entropy data: it validates the frame, the Huffman and quantisation tables and the colour conversion
-   (unsupported precisions, sampling factors or component layouts fail here) and decodes a flat 1/64-size image.
+2. libjpeg itself reads the headers up to the first scan closed by EOI, with no entropy data and the frame shrunk
+   to 16 x 16: it validates the frame, the Huffman and quantisation tables and the colour conversion (unsupported
+   precisions, sampling factors or component layouts fail here) and decodes a flat 16 x 16 image.
    Tables that a progressive file defines between later scans are checked by libjpeg in step 3.
 3. A progressive file is decoded whole at 1/8 scale: libjpeg fails on some damaged progressive scans, and a
    reduced decode fails on exactly the same files as a full one (checked by bit-flip comparison), at about the
@@ -32,10 +32,12 @@ of IDAT and later chunks and a missing IEND; libpng, the reference decoder, refu
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -51,6 +53,8 @@ _RESTART_MARKERS = range(0xD0, 0xD8)
 # Start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PROGRESSIVE_FRAME_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_MAX_DIMENSION = 65500  # libjpeg's JPEG_MAX_DIMENSION
+_SMALL_FRAME = 16  # frame side for the header decode: one MCU at the largest sampling factors (2)
 # Segments libjpeg reads or skips by their length: DHT, DAC, DQT, DNL, DRI, APP0-15, COM.
 _TABLE_AND_MISC_MARKERS = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)})
 # The next marker: FF followed by anything but 00 (a stuffed data byte) and FF (fill); a run of FFs is fill.
@@ -59,15 +63,16 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")
 _SCAN_END = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
 
-def walk_jpeg_markers(image_bytes: bytes) -> tuple[int, bool]:
+def walk_jpeg_markers(image_bytes: bytes) -> tuple[int, int, bool]:
     """Walk the JPEG's markers to EOI (see the module docstring); return the offset where the first scan's data
-    begins and whether the frame is progressive. Raises IntegrityError for truncated or corrupt framing."""
+    begins, the offset of the frame header's marker and whether the frame is progressive. Raises IntegrityError for
+    truncated or corrupt framing."""
     if image_bytes[:2] != b"\xff\xd8":
         raise IntegrityError("does not start with the JPEG SOI marker")
     size = len(image_bytes)
     position = 2
     first_scan_data = None
-    frame_marker = None
+    frame_marker, frame_start = None, 0
     while True:
         match = _NEXT_MARKER.search(image_bytes, position)
         if match is None:
@@ -77,7 +82,7 @@ def walk_jpeg_markers(image_bytes: bytes) -> tuple[int, bool]:
         if marker == _EOI:
             if first_scan_data is None:
                 raise IntegrityError("EOI before any scan: the file holds no image data")
-            return first_scan_data, frame_marker in _PROGRESSIVE_FRAME_MARKERS
+            return first_scan_data, frame_start, frame_marker in _PROGRESSIVE_FRAME_MARKERS
         if marker in _RESTART_MARKERS or marker == _TEM:
             continue  # parameterless; outside a scan libjpeg skips them
         if marker == _SOI:
@@ -96,7 +101,7 @@ def walk_jpeg_markers(image_bytes: bytes) -> tuple[int, bool]:
         if marker in _FRAME_MARKERS:
             if frame_marker is not None:
                 raise IntegrityError(f"a second frame header (0xFF{marker:02X}) at byte {match.start()}")
-            frame_marker = marker
+            frame_marker, frame_start = marker, match.start()
         elif marker == _SOS:
             if frame_marker is None:
                 raise IntegrityError(f"a scan at byte {match.start()} before the frame header")
@@ -115,21 +120,45 @@ def walk_jpeg_markers(image_bytes: bytes) -> tuple[int, bool]:
         position = segment_end
 
 
-def jpeg_bytes_to_decode(image_bytes: bytes) -> bytes:
-    """Walk the markers (raises IntegrityError), then return what libjpeg must decode at 1/8 scale to validate the
-    rest: the headers closed by EOI with no entropy data (libjpeg decodes that as a flat image, warning about the
-    missing data, which PIL ignores, and raising for anything wrong in the headers), or the whole file when it is
-    progressive (libjpeg fails on some damaged progressive scans, unlike damaged baseline ones)."""
-    first_scan_data, progressive = walk_jpeg_markers(image_bytes)
+class JpegPlan(NamedTuple):
+    """What is left to check of a JPEG whose markers walked cleanly."""
+
+    header_bytes: bytes
+    """What PIL opens for the format, mode and size: the headers closed by EOI (the whole file if progressive)."""
+    decode_bytes: bytes
+    """What libjpeg decodes (``decode_jpeg``) to validate the rest."""
+
+
+def plan_jpeg_check(image_bytes: bytes) -> JpegPlan:
+    """Walk the markers (raises IntegrityError), then plan the libjpeg part (module docstring).
+
+    Baseline: the headers closed by EOI with no entropy data; libjpeg decodes that as a flat image (it warns about
+    the missing data, which PIL ignores) and raises for anything wrong in the headers. Its frame is shrunk to at most
+    16 x 16 for the decode: libjpeg's header checks do not depend on the frame size except for its limits (zero,
+    more than 65500), and a frame outside them is left as it is. Progressive: the whole file, at 1/8 scale.
+    """
+    first_scan_data, frame_start, progressive = walk_jpeg_markers(image_bytes)
     if progressive:
-        return image_bytes
-    return image_bytes[:first_scan_data] + b"\xff\xd9"
+        return JpegPlan(image_bytes, image_bytes)
+    headers = image_bytes[:first_scan_data] + b"\xff\xd9"
+    return JpegPlan(headers, _with_small_frame(headers, frame_start))
 
 
-def decode_reduced(image: Image.Image) -> None:
-    """Decode an opened JPEG at the smallest scale libjpeg offers (1/8 per side); raises what the decoder raises."""
-    image.draft(image.mode, (1, 1))
-    image.load()
+def _with_small_frame(headers: bytes, frame_start: int) -> bytes:
+    # frame header: FF Cn, length (2), precision (1), height (2), width (2), components ...
+    height, width = struct.unpack_from(">HH", headers, frame_start + 5)
+    if not (0 < height <= _MAX_DIMENSION and 0 < width <= _MAX_DIMENSION):
+        return headers
+    small = bytearray(headers)
+    struct.pack_into(">HH", small, frame_start + 5, min(height, _SMALL_FRAME), min(width, _SMALL_FRAME))
+    return bytes(small)
+
+
+def decode_jpeg(decode_bytes: bytes) -> None:
+    """Let libjpeg decode a planned JPEG at the smallest scale it offers (1/8 per side); raises what it raises."""
+    with Image.open(io.BytesIO(decode_bytes), formats=("JPEG",)) as image:
+        image.draft(image.mode, (1, 1))
+        image.load()
 
 
 # ----------------------------------------------------------------------------- PNG

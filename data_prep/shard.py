@@ -14,11 +14,11 @@ Output: ``train-%06d.tar``, ``val-%06d.tar``, ``manifest.json``, ``rejects.jsonl
 shard contract). Every input record is either written or listed in rejects.jsonl with a reason code:
 ``malformed_record``, ``bad_image_token``, ``bad_box`` (``records.py``), ``missing_image`` (checked by stat while
 screening), ``duplicate_id`` (first valid occurrence kept), ``unreadable_image`` and ``too_many_pixels`` (found by
-the workers while decoding: ``images.py``).
+the workers while checking the images: ``images.py``; JPEG and PNG without a full-resolution decode).
 
-Duplicate ids are decided while screening, before images are decoded: if the first occurrence of an id later turns
-out to have an unreadable image, its duplicates stay rejected (the plan is fixed before decoding so that it cannot
-depend on the worker count).
+Duplicate ids are decided while screening, before images are checked: if the first occurrence of an id later turns
+out to have an unreadable image, its duplicates stay rejected (the plan is fixed before the image checks so that it
+cannot depend on the worker count).
 
 A task (``--task-index/--num-tasks``) writes shards and their progress records only; it reuses its own verified
 shards, so a requeued task redoes only what is missing. ``--merge`` writes no shard: it checks every planned shard

@@ -6,9 +6,10 @@ Order of work:
 2. ``assign_splits`` shuffles them with the seed and cuts off the validation part; ``plan_shards`` then cuts each
    split into ``ShardJob``s by the estimated tar size and a sample cap. The plan depends on the seed, the records
    and the image file sizes only, never on the worker count.
-3. ``run_shard_jobs`` writes the jobs, in one process or a ``spawn`` pool. A worker decodes every image (rejects
-   are dropped from their own shard only, so they move no other sample), writes ``NAME.tmp``, fsyncs, renames it
-   to ``NAME`` and records the result in ``.progress/NAME.json`` together with the job's fingerprint.
+3. ``run_shard_jobs`` writes the jobs, in one process or a ``spawn`` pool. A worker checks every image
+   (``images.py``; rejects are dropped from their own shard only, so they move no other sample), writes
+   ``NAME.tmp`` while hashing it, fsyncs, renames it to ``NAME`` and records the result in ``.progress/NAME.json``
+   together with the job's fingerprint.
 4. On ``--resume`` a shard is kept when its progress record has the same fingerprint and the file still has the
    recorded size, sha256 and sample count; everything else is rewritten. Stale ``*.tmp`` files and shards that
    the current plan does not contain are removed. ``.progress/`` stays after a complete run (a few KB per shard)
@@ -104,7 +105,7 @@ def _padded(size: int) -> int:
 
 
 def estimated_tar_bytes(spec: SampleSpec) -> int:
-    """Bytes the sample will take in a tar (headers and padding included), before its image is decoded."""
+    """Bytes the sample will take in a tar (headers and padding included), before its image is checked."""
     json_size = len(json.dumps(spec.meta, ensure_ascii=False).encode("utf-8")) + _JSON_SIZE_SLACK
     return _padded(json_size) + (_padded(spec.image_size) if spec.image_path else 0)
 

@@ -2,7 +2,7 @@
 
 For every shard listed in manifest.json: the file exists, has the recorded size and sha256, reads as a tar to its
 end, holds the recorded number of samples with adjacent members, every ``{key}.json`` decodes and has the fields
-of its kind, and every image decodes (same checks as when sharding) with the recorded extension and size. Also
+of its kind, and every image passes the checks of sharding (``images.py``) with the recorded extension and size. Also
 reported: ``*.tar`` files the manifest does not list, totals that do not add up, a rejects.jsonl whose line count
 differs from ``totals.rejected``.
 

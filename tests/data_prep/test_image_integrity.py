@@ -54,6 +54,12 @@ def patched(image_bytes: bytes, offset: int, value: int) -> bytes:
     return bytes(data)
 
 
+def with_frame_size(jpeg: bytes, height: int, width: int) -> bytes:
+    data = bytearray(jpeg)
+    struct.pack_into(">HH", data, segment_at(jpeg, b"\xff\xc0") + 5, height, width)
+    return bytes(data)
+
+
 def segment_at(jpeg: bytes, marker: bytes) -> int:
     position = jpeg.find(marker)
     assert position > 0, f"test image has no {marker.hex()} segment"
@@ -118,6 +124,8 @@ REJECT_CLASSES = {
     "JPEG pixel bomb": (patched(patched(BASELINE, SOF + 5, 0xEA), SOF + 7, 0xEA), "too_many_pixels"),
     "truncated JPEG pixel bomb": (patched(patched(BASELINE, SOF + 5, 0xEA), SOF + 7, 0xEA)[:-300],
                                   "too_many_pixels"),
+    "JPEG wider than libjpeg's 65500": (with_frame_size(BASELINE, 1, 65535), "unreadable_image"),
+    "JPEG of height 0": (with_frame_size(BASELINE, 0, 56), "unreadable_image"),
     "JPEG sampling factor 0": (patched(BASELINE, SOF + 11, 0x00), "unreadable_image"),
     "hierarchical JPEG (SOF5)": (patched(BASELINE, SOF + 1, 0xC5), "unreadable_image"),
     "12-bit JPEG": (patched(BASELINE, SOF + 4, 12), "unreadable_image"),
@@ -205,7 +213,8 @@ def test_jpeg_and_png_are_never_decoded_at_full_resolution(monkeypatch):
     assert inspect_image_bytes(jpeg, DEFAULT_MAX_IMAGE_PIXELS).width == 512
     assert inspect_image_bytes(encode("JPEG", size=(512, 384), progressive=True), DEFAULT_MAX_IMAGE_PIXELS)
     assert inspect_image_bytes(encode("PNG", size=(512, 384)), DEFAULT_MAX_IMAGE_PIXELS).height == 384
-    assert decoded_sizes == [("JPEG", (64, 48)), ("JPEG", (64, 48))]  # libjpeg's 1/8 scale; PNG: none
+    # baseline: the headers with the frame shrunk to 16 x 16, at 1/8; progressive: the file at 1/8; PNG: nothing
+    assert decoded_sizes == [("JPEG", (2, 2)), ("JPEG", (64, 48))]
 
 
 def test_shard_workers_import_neither_torch_nor_numpy():
