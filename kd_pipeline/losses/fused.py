@@ -303,8 +303,8 @@ def fused_token_kl(
     if loss_share is not None:
         positions = tokens.positions()  # (N_valid,)
 
-        def chunk_share(kl, target_logprob, chunk):
-            return loss_share(kl, target_logprob if targets is not None else None, positions[chunk])
+        def chunk_share(kl, target_logprob, chunk):  # chunk: a slice of the valid rows
+            return loss_share(kl, target_logprob, positions[chunk])
 
     kl, target_logprob = PerTokenKL.apply(
         tokens.student_hidden,
