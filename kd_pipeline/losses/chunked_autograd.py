@@ -296,6 +296,7 @@ class PerTokenKL(torch.autograd.Function):
             scale = _common_scale(received, planned)
             residual = received - scale * planned  # (2, N)
             differs = residual.abs() > PLAN_TOLERANCE * torch.maximum(received.abs(), (scale * planned).abs())
+            differs |= ~torch.isfinite(received)  # inf / NaN upstream (e.g. an fp16 overflow) must reach the grads
             rows = differs.any(dim=0).nonzero().squeeze(1)  # (R,)
             if rows.numel():
                 logger.debug("fused_token_kl: %d of %d rows differ from the planned gradients; recomputing them",

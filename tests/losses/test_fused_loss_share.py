@@ -171,6 +171,18 @@ def test_a_second_backward_recomputes_instead_of_reusing_handed_over_gradients()
     assert_close(student_weight.grad, 2 * expected_weight_grad, torch.float32)
 
 
+def test_a_non_finite_upstream_gradient_reaches_the_gradients_as_without_a_share():
+    # loss scalers detect an overflow by inf / NaN gradients: the stored finite ones must not hide it
+    problem = stage2_problem()
+    old_logprob, _, _ = reference(problem)
+    upstream = torch.ones(BATCH, STEPS)
+    upstream[1, 4] = float("inf")
+    out, student_hidden, student_weight = run_fused(problem, stage2_share(problem, old_logprob))
+    ((stage2_loss(out.kl, out.target_logprob, problem, old_logprob)[0]) + (upstream * out.kl).sum()).backward()
+    assert not torch.isfinite(student_hidden.grad[1, 4]).all() and torch.isfinite(student_hidden.grad[0]).all()
+    assert not torch.isfinite(student_weight.grad).all()
+
+
 def test_the_share_sees_every_valid_token_once_by_its_flat_position():
     problem = stage2_problem()
     seen = []
