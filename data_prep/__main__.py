@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from kd_pipeline.errors import user_errors_exit
+
 COMMANDS = {
     "shard": ("data_prep.shard", "instruction data -> train/val tar shards"),
     "verify": ("data_prep.verify", "re-check shards against manifest.json"),
@@ -22,8 +24,10 @@ COMMANDS = {
 }
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to ``<module>.main(rest_of_argv)`` and return its exit code."""
+    """Dispatch to ``<module>.main(rest_of_argv)`` and return its exit code (a ``UserError`` a command lets escape
+    is one line on stderr and exit 2, see ``kd_pipeline.errors``)."""
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="\n".join(f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()),

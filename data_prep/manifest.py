@@ -11,12 +11,14 @@ import sys
 import json
 import os
 
+from kd_pipeline.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 
 
-class ManifestError(Exception):
+class ManifestError(UserError):
     """manifest.json is missing or unusable."""
 
 

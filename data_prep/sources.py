@@ -1,9 +1,10 @@
 """Reading the input files of the converters: JSON lists, JSONL and plain text, with clear errors.
 
 A file whose first non-blank character is ``[`` is read as one JSON list; anything else is read as JSONL (one JSON
-value per non-blank line). A JSON list that does not parse, or a file that is missing, raises ``InputError`` (the
-CLIs turn it into one line on stderr and exit 2). One bad line of a JSONL file only spoils that record: it comes
-back as an ``UnparsableLine`` so that the caller rejects it (``malformed_record``) instead of losing it.
+value per non-blank line). A JSON list that does not parse, an empty file or list (``[]``), or a file that is
+missing, raises ``InputError`` (the CLIs turn it into one line on stderr and exit 2). One bad line of a JSONL file
+only spoils that record: it comes back as an ``UnparsableLine`` so that the caller rejects it (``malformed_record``)
+instead of losing it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 
+from kd_pipeline.errors import UserError
+
 _HASH_CHUNK_BYTES = 1 << 20
 
 
-class InputError(Exception):
+class InputError(UserError):
     """An input file cannot be used at all (missing, unreadable, not JSON)."""
 
 
@@ -68,6 +71,9 @@ def load_records(path: str, what: str = "instruct file") -> list[object]:
             raise InputError(
                 f"{what} {path!r} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
             ) from error
+        if records == []:
+            raise InputError(f"{what} {path!r} is an empty JSON list: there is nothing to convert (check the export "
+                             f"that wrote it)")
         return records
     if stripped[0] != "{":
         raise InputError(f"{what} {path!r} is neither a JSON list nor JSONL (starts with {stripped[0]!r})")

@@ -56,6 +56,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kd_pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
@@ -64,7 +66,7 @@ UNIVERSAL_SUFFIX = "_universal"
 KILL_IN_SAVE_ENV = "KD_TEST_KILL_IN_SAVE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used, worded with the path and what to do."""
 
 

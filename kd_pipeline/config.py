@@ -25,8 +25,10 @@ from typing import Any
 
 import yaml
 
+from kd_pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, worded for the person who wrote the YAML or the override."""
 
 
@@ -134,7 +136,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
     eval_every: int = 50
-    """Run validation every this many steps (0 disables; the last step always validates)."""
+    """Run validation every this many steps and at the last one (0: no validation, no val split needed, no `best`)."""
     eval_batches: int = 0
     """Validation micro-batches per rank (0: the whole val split, equalised across ranks)."""
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,10 +44,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from kd_pipeline.convert_keys import (CLIP_NON_VISION_PREFIXES, GEOCHAT_TOWER_PREFIX, embedding_keys,
                                       geochat_key_map, is_dropped_buffer, is_tower_key, tower_suffix)
+from kd_pipeline.errors import UserError, user_errors_exit
 from kd_pipeline.models.layout import llava_layout
 from kd_pipeline.models.vision import grid_side, interpolate_position_table
-from kd_pipeline.tokenizer import (TokenizerError, image_token_id, load_tokenizer, save_tokenizer,
-                                   write_tokenizer_config)
+from kd_pipeline.tokenizer import image_token_id, load_tokenizer, save_tokenizer, write_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
 SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the missing file, key or field."""
 
 
@@ -440,6 +439,7 @@ def hf_to_geochat(src: str | Path, dst: str | Path, vision_tower_name: str | Non
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_pipeline.convert",
                                      description="Convert GeoChat checkpoints to and from transformers LLaVA folders.")
@@ -463,16 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     to_geochat.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "geochat-to-hf":
-            out = geochat_to_hf(args.src, args.dst, vision_tower=args.vision_tower, image_size=args.image_size,
-                                vision_heads=args.vision_heads, max_shard_size=args.max_shard_size)
-        else:
-            out = hf_to_geochat(args.src, args.dst, vision_tower_name=args.vision_tower_name,
-                                max_shard_size=args.max_shard_size)
-    except (ConversionError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "geochat-to-hf":
+        out = geochat_to_hf(args.src, args.dst, vision_tower=args.vision_tower, image_size=args.image_size,
+                            vision_heads=args.vision_heads, max_shard_size=args.max_shard_size)
+    else:
+        out = hf_to_geochat(args.src, args.dst, vision_tower_name=args.vision_tower_name,
+                            max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 

@@ -58,15 +58,15 @@ import io
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kd_pipeline.checkpoint import MARKER, TAG_PATTERN, CheckpointError, verify_checkpoint
-from kd_pipeline.config import Config, ConfigError, load_config
+from kd_pipeline.checkpoint import MARKER, TAG_PATTERN, verify_checkpoint
+from kd_pipeline.config import Config, load_config
+from kd_pipeline.errors import UserError, user_errors_exit
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ MODULE_PREFIXES = ("llava.", "feature_map.")
 """The ``StudentModule`` attributes whose tensors a checkpoint holds (see ``kd_pipeline.engine.modules``)."""
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A checkpoint that cannot be exported, worded with the path or key and what to do."""
 
 
@@ -346,19 +346,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    from kd_pipeline.convert import ConversionError
-    from kd_pipeline.models import ModelError
-    from kd_pipeline.tokenizer import TokenizerError
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora, out_format=args.format,
-                                dtype=args.dtype, check_hashes=not args.no_hash_check)
-    except (ExportError, CheckpointError, ConfigError, ConversionError, ModelError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora, out_format=args.format,
+                            dtype=args.dtype, check_hashes=not args.no_hash_check)
     print(f"wrote {out}")
     return 0
 

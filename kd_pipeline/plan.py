@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +53,7 @@ import torch
 from torch import nn
 
 from kd_pipeline.config import Config, ConfigError, ModelConfig, help_text, load_config
+from kd_pipeline.errors import user_errors_exit
 
 log = logging.getLogger(__name__)
 
@@ -333,18 +333,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    from kd_pipeline.models import ModelError
-    from kd_pipeline.tokenizer import TokenizerError
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)
-        plan = make_plan(config, world_size=args.world_size, gpus_per_node=args.gpus_per_node)
-    except (ConfigError, ModelError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    plan = make_plan(config, world_size=args.world_size, gpus_per_node=args.gpus_per_node)
     print(json.dumps(plan, indent=2) if args.json else format_table(plan))
     return 0
 

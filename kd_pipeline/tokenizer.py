@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from kd_pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -39,7 +41,7 @@ TOKENIZER_CONFIG = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer folder that cannot be used, worded with the path and the fix."""
 
 
@@ -73,6 +75,15 @@ def write_tokenizer_config(out_dir: str | Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, indent=2))
+
+
+def tokenizer_folder(config) -> Path:
+    """The tokenizer folder of a run ``Config``: ``data.tokenizer``, else ``student.path`` (a converted model folder
+    keeps its tokenizer beside the weights)."""
+    path = config.data.tokenizer or config.student.path
+    if not path:
+        raise TokenizerError("no tokenizer: set data.tokenizer (or student.path to a model folder that holds one)")
+    return Path(path)
 
 
 def load_tokenizer(path: str | Path):

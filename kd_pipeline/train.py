@@ -11,8 +11,8 @@ Runbook (the same entry point under every launcher):
     sbatch launch/slurm_distill.sh configs/geochat_13b_to_7b.yaml
 
 Exit codes: 0 finished; 75 stopped early on a signal, the job's end time or ``run.stop_at_step``, after saving
-(resume me: run the same command again); 2 bad configuration or input (one clear line on stderr); anything else is
-a crash. torchrun reports any non-zero worker exit as its own exit code 1, so rank 0 also writes
+(resume me: run the same command again); 2 bad configuration or input (one line on stderr naming the key or file;
+``kd_pipeline.preflight`` checks everything it can before any model is built); anything else is a crash. torchrun reports any non-zero worker exit as its own exit code 1, so rank 0 also writes
 ``{run.output_dir}/run_status.json`` (``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for
 launchers to read.
 """
@@ -24,7 +24,9 @@ import logging
 import sys
 import warnings
 
-from kd_pipeline.config import ConfigError, help_text, load_config
+from kd_pipeline.config import help_text, load_config
+from kd_pipeline.errors import UserError, report_user_error, user_errors_exit
+from kd_pipeline.preflight import check_run
 
 log = logging.getLogger("kd_pipeline.train")
 
@@ -51,18 +53,15 @@ def _write_status(config, exit_code: int) -> None:
     (Path(config.run.output_dir) / "run_status.json").write_text(json.dumps(status, indent=1))
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 deprecates, once per call: thousands of
     # identical lines per run that would bury the progress bar and real warnings.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    check_run(config)  # shards, tokenizer, stage-2 inputs: before the process group, DeepSpeed and any model
 
-    from kd_pipeline.checkpoint import CheckpointError
     from kd_pipeline.engine.stopping import catch_stop_signals
     from kd_pipeline.runtime import init_runtime, setup_logging
 
@@ -79,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if runtime.is_main:
             _write_status(config, exit_code)
         return exit_code
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (UserError, FileNotFoundError) as error:  # found after start-up (e.g. a damaged resume checkpoint)
         log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     finally:
         import torch.distributed as dist
 

@@ -15,12 +15,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd_pipeline.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KIND_OF_SPLIT = {"train": "instruct", "val": "instruct", "pt": "pretrain"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard folder or manifest that the loader cannot use, worded with the path and the fix."""
 
 

@@ -36,10 +36,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kd_pipeline.errors import UserError
+
 STATE_FORMAT = 1
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(UserError, ValueError):
     """A saved loader state that cannot be used for this run, worded with the fix."""
 
 

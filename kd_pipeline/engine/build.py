@@ -22,7 +22,7 @@ from kd_pipeline.config import Config, ConfigError, ModelConfig
 from kd_pipeline.engine.ds_config import resolve_ds_config, zero_stage
 from kd_pipeline.engine.modules import StudentModule, TeacherModule
 from kd_pipeline.runtime import Runtime
-from kd_pipeline.tokenizer import image_token_id, load_tokenizer
+from kd_pipeline.tokenizer import image_token_id, load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,6 @@ class Engines:
     image_token_id: int
     num_image_tokens: int
     vocab_size: int
-
-
-def tokenizer_path(config: Config) -> Path:
-    path = config.data.tokenizer or config.student.path
-    if not path:
-        raise ConfigError("no tokenizer: set data.tokenizer (or student.path to a folder that holds one)")
-    return Path(path)
 
 
 def _hidden_size(model_cfg: ModelConfig) -> int:
@@ -82,7 +75,7 @@ def build_engines(config: Config, runtime: Runtime, init_weights: Path | None = 
 
     from kd_pipeline.models import num_image_tokens
 
-    tokenizer = load_tokenizer(tokenizer_path(config))
+    tokenizer = load_tokenizer(tokenizer_folder(config))
     vocab_size, image_id = len(tokenizer), image_token_id(tokenizer)
     student_tokens = num_image_tokens(config.student)
     teacher_engine = None
@@ -141,17 +134,12 @@ def partition_report(engine) -> dict:
 
 
 def _check_same_tokenizer(config: Config, teacher_llava, vocab_size: int) -> None:
-    """Teacher rows beyond the student's vocabulary are padding (truncated later); a smaller teacher vocabulary, or a
-    teacher folder whose own tokenizer disagrees with the student's, is a different tokenizer and refused."""
+    """Teacher rows beyond the student's vocabulary are padding (truncated later); a smaller teacher vocabulary is a
+    different tokenizer and refused. (A teacher folder whose own tokenizer differs is refused earlier, before any
+    model is built: ``kd_pipeline.preflight``.)"""
     from kd_pipeline.models.layout import unwrap_model
 
     teacher_rows = unwrap_model(teacher_llava).config.text_config.vocab_size
     if teacher_rows < vocab_size:
         raise ConfigError(f"teacher vocabulary ({teacher_rows} rows) is smaller than the tokenizer's {vocab_size}: "
                           f"teacher and student must share one tokenizer")
-    if config.teacher.path and (Path(config.teacher.path) / "tokenizer_config.json").is_file():
-        teacher_vocab = load_tokenizer(config.teacher.path).get_vocab()
-        student_vocab = load_tokenizer(tokenizer_path(config)).get_vocab()
-        if teacher_vocab != student_vocab:
-            raise ConfigError(f"the tokenizer in teacher.path={config.teacher.path} differs from the student's "
-                              f"({tokenizer_path(config)}): KD needs one shared vocabulary")

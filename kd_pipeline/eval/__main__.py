@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kd_pipeline.errors import report_user_error, user_errors_exit
 from kd_pipeline.eval.captioning import score_region_captioning
 from kd_pipeline.eval.images import image_size_lookup
 from kd_pipeline.eval.records import join_questions, read_jsonl
@@ -125,6 +126,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@user_errors_exit
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -147,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = json.loads(args.results.read_text(encoding="utf-8"))
             written = write_report(results, args.out, include_paper=not args.no_paper)
             print("\n".join(str(path) for path in written.values()))
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as error:  # json.JSONDecodeError is a ValueError
+        return report_user_error(error)
     return 0
 
 

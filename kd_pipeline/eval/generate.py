@@ -33,6 +33,7 @@ from transformers import LlavaConfig
 
 from kd_pipeline.config import ModelConfig
 from kd_pipeline.data.images import ImageError, preprocess_image
+from kd_pipeline.errors import UserError
 from kd_pipeline.eval.images import MAX_IMAGE_PIXELS
 from kd_pipeline.models import load_model, num_image_tokens, unwrap_model
 from kd_pipeline.prompts import expand_image, render_eval_prompt, tokenize_with_image
@@ -44,7 +45,7 @@ PAD_ID = 0  # GeoChat pads with unk (id 0)
 EVAL_TEMPLATE = "llava_v1"
 
 
-class EvalImageError(ValueError):
+class EvalImageError(UserError, ValueError):
     """A benchmark image that cannot be fed to the model, worded with the file and what to do."""
 
 

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kd_pipeline.errors import UserError, report_user_error
 from kd_pipeline.eval.captioning import score_region_captioning
-from kd_pipeline.eval.generate import (EvalImageError, encode_question, free_eval_model, generate_answers, left_pad,
+from kd_pipeline.eval.generate import (encode_question, free_eval_model, generate_answers, left_pad,
                                        load_eval_model, load_pixels, select_device)
 from kd_pipeline.eval.images import image_size_lookup
 from kd_pipeline.eval.records import read_jsonl
@@ -57,8 +57,6 @@ from kd_pipeline.eval.referring import score_referring
 from kd_pipeline.eval.report import write_report
 from kd_pipeline.eval.scene import score_scene
 from kd_pipeline.eval.vqa import score_vqa
-from kd_pipeline.models import ModelError
-from kd_pipeline.tokenizer import TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 
-class RunInputError(ValueError):
+class RunInputError(UserError, ValueError):
     """Bad command-line input or evaluation files, worded with what to fix."""
 
 
@@ -471,14 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              for task in parse_tasks(options.tasks)}
         select_device(options.device)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     dist = init_dist()
     try:
         run_generation(models, questions_by_task, options, dist)
-    except (RunInputError, ModelError, TokenizerError, EvalImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(error)
     try:
         barrier(dist)
         return score_and_report(models, questions_by_task, options) if dist.rank == 0 else 0

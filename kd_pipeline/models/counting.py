@@ -13,7 +13,6 @@ DeepSpeed ZeRO-3 models (a partitioned parameter's full size is its ``ds_numel``
 
 from __future__ import annotations
 
-from peft.tuners.lora import LoraModel
 from torch import nn
 
 from kd_pipeline.models.layout import llava_layout, unwrap_model
@@ -22,8 +21,8 @@ PARTS = ("llm", "projector", "vision_tower", "position_table", "lora", "other")
 """Disjoint parts; their sum is ``total``. ``vision_tower`` excludes its position table."""
 
 
-def _part_of(name: str, prefixes: dict[str, str]) -> str:
-    if LoraModel.prefix in name:  # peft names its adapter weights lora_A / lora_B / lora_embedding_* / ...
+def _part_of(name: str, prefixes: dict[str, str], lora_prefix: str) -> str:
+    if lora_prefix in name:  # peft names its adapter weights lora_A / lora_B / lora_embedding_* / ...
         return "lora"
     for part, prefix in prefixes.items():
         if name.startswith(prefix + "."):
@@ -38,6 +37,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     table), position_table, lora, other (anything unrecognised; 0 for GeoChat), total, trainable,
     image_token_rows (the ``<image>`` row of the embedding and of an untied lm_head), paper.
     """
+    # Imported here: peft costs seconds to import and the training start-up imports this module.
+    from peft.tuners.lora import LoraModel
+
     llava = unwrap_model(model)
     parts = llava_layout(llava)
     # Most specific first: the position table lives inside the vision tower.
@@ -47,7 +49,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     trainable = 0
     for name, parameter in llava.named_parameters():  # shared (tied) parameters are yielded once
         size = getattr(parameter, "ds_numel", parameter.numel())
-        part = _part_of(name, prefixes)
+        part = _part_of(name, prefixes, LoraModel.prefix)
         counts["llm" if part == "lm_head" else part] += size
         trainable += size if parameter.requires_grad else 0
     counts["total"] = sum(counts[part] for part in PARTS)

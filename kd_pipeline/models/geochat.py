@@ -27,6 +27,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.utils import is_flash_attn_2_available
 
 from kd_pipeline.config import ModelConfig
+from kd_pipeline.errors import UserError
 from kd_pipeline.models.layout import llava_layout, unwrap_model
 from kd_pipeline.models.lora import apply_lora
 from kd_pipeline.models.vision import num_image_tokens, resize_vision_tower
@@ -57,7 +58,7 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
 """openai/clip-vit-large-patch14-336's vision config (its image_size is replaced by the run's)."""
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be built or loaded as configured, worded with the setting or path to fix."""
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from kd_pipeline.config import ModelConfig
 from kd_pipeline.models.layout import llava_layout, unwrap_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> PeftModel:
 
     peft freezes every base weight; callers re-enable what else should train (the projector) afterwards.
     """
+    # Imported here, not at module level: importing peft costs seconds (it imports transformers model classes)
+    # and a run without LoRA never needs it.
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
                         bias="none", target_modules=lora_target_regex(model))
     peft_model = get_peft_model(model, config)

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from kd_pipeline import checkpoint as ckpt
-from kd_pipeline.config import Config, ConfigError
+from kd_pipeline.config import Config
 from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader, load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.ds_config import zero_stage
@@ -231,9 +231,6 @@ def run(config: Config, runtime: Runtime) -> int:
         state, rank_state = load_resume(engines, resume, runtime)
         log.info("resumed stage 2 from %s at step %d", resume.engine_folder, state.step)
     install_failure_report(runtime.rank, state)
-    if not config.data.pt_shards:
-        raise ConfigError("run.stage=minillm needs data.pt_shards (a `data_prep pt` folder): the pre-training loss "
-                          "is part of the method; set minillm.pt_weight=0 and any folder to run without it")
 
     loader_kwargs = dict(tokenizer=engines.tokenizer, image_size=config.student.image_size,
                          num_image_tokens=engines.num_image_tokens, micro_batch_size=config.train.micro_batch_size,
@@ -244,7 +241,7 @@ def run(config: Config, runtime: Runtime) -> int:
                                 state=load_loader_state(resume_folder, "pt") if resume_folder else None)
     val_kwargs = {key: value for key, value in loader_kwargs.items() if key != "seed"}
     val_prompts = build_eval_prompt_loader(config.data, split="val", max_batches=max(config.train.eval_batches, 1),
-                                           **val_kwargs)
+                                           **val_kwargs) if config.train.eval_every else None  # 0: no validation
     prompt_batches, pt_batches = iter(prompt_loader), iter(pt_loader)
     generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed * 7 + runtime.rank)
     buffer, round_stats, position = None, {}, 0
@@ -297,8 +294,8 @@ def run(config: Config, runtime: Runtime) -> int:
                       clip_frac=token_sums["clip_frac"] / max(token_sums["tokens"], 1.0),
                       lr=float(engines.scheduler.get_last_lr()[0]), step_time_s=time.perf_counter() - step_start)
         is_best = False
-        if (config.train.eval_every and state.step % config.train.eval_every == 0) or \
-                state.step == config.train.max_steps:
+        if config.train.eval_every and (state.step % config.train.eval_every == 0 or
+                                        state.step == config.train.max_steps):
             record.update(evaluate(engines, config, runtime, val_prompts))
             if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
                 state.best_val_loss, state.best_tag, is_best = record["val_loss"], ckpt.tag_for_step(state.step), True

@@ -83,7 +83,8 @@ def run(config: Config, runtime: Runtime) -> int:
     train_loader = build_train_loader(config.data, seed=config.run.seed, split="train",
                                       state=load_loader_state(resume_folder, "train") if resume_folder else None,
                                       **loader_kwargs)
-    eval_loader = build_eval_loader(config.data, split="val", max_batches=config.train.eval_batches, **loader_kwargs)
+    eval_loader = build_eval_loader(config.data, split="val", max_batches=config.train.eval_batches,
+                                    **loader_kwargs) if config.train.eval_every else None  # 0: no validation
     batches = iter(train_loader)
     if rank_state is not None:
         restore_rng_state(rank_state["rng"])
@@ -115,7 +116,7 @@ def run(config: Config, runtime: Runtime) -> int:
                       data_wait_frac=data_wait / elapsed)
 
         is_best = False
-        if (config.train.eval_every and step % config.train.eval_every == 0) or step == config.train.max_steps:
+        if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.max_steps):
             record.update(evaluate(engines, config, runtime, eval_loader))
             if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
                 state.best_val_loss, state.best_tag, is_best = record["val_loss"], ckpt.tag_for_step(step), True

@@ -1,0 +1,137 @@
+"""Everything a training run needs that can be checked without building a model, checked before any model is built.
+
+``train.py`` calls ``check_run(config)`` right after loading the config, before the process group, DeepSpeed and
+the engines exist: a typo in ``data.shards`` must cost the seconds of importing torch, not a 13B + 7B load. Every
+rank runs it (the checks only read small files, and a rank on a node that lacks a file must not be the one that
+hangs while the others wait for it).
+
+Checks, cheapest first; the first problem raises a ``UserError`` subclass whose message names the key and the fix
+(train.py turns it into one line on stderr and exit 2):
+
+1. stage-2 batch arithmetic: ``minillm.rollouts_per_rank`` is a multiple of ``train.micro_batch_size``, and a
+   round's micro-batches (rollouts / micro-batch x ``minillm.ppo_epochs``) a multiple of ``train.grad_accum``;
+2. instruction shards (``data.shards``): the manifest and the train split; the val split too unless
+   ``train.eval_every=0`` (no validation at all); stage 2 also the pre-training shards ``data.pt_shards``;
+3. ``deepspeed.config`` exists and is JSON (the rest of it is resolved against the runtime when engines are built);
+4. model folders: ``student.path`` (and ``teacher.path`` unless ``run.stage=sft``) hold a ``config.json``;
+5. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids, and a teacher folder
+   that carries its own tokenizer has the same vocabulary (KD compares distributions id by id);
+6. stage 2: ``run.init_from`` is a complete checkpoint, unless the run resumes from a checkpoint;
+7. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd_pipeline.config import Config, ConfigError
+
+
+def check_run(config: Config) -> None:
+    """Run every check of the module docstring, in order; raises the first problem found."""
+    check_stage2_batches(config)
+    check_shards(config)
+    check_deepspeed_json(config)
+    check_model_folders(config)
+    check_tokenizers(config)
+    if config.run.stage == "minillm":
+        check_init_from(config)
+    check_resume_path(config)
+
+
+def check_stage2_batches(config: Config) -> None:
+    """A round must split into whole micro-batches and whole optimizer steps (stage 2 only)."""
+    if config.run.stage != "minillm":
+        return
+    settings, micro_batch = config.minillm, config.train.micro_batch_size
+    micro_per_round = settings.rollouts_per_rank // micro_batch
+    if micro_per_round < 1 or settings.rollouts_per_rank % micro_batch:
+        raise ConfigError(f"minillm.rollouts_per_rank={settings.rollouts_per_rank} must be a multiple of "
+                          f"train.micro_batch_size={micro_batch}")
+    if (micro_per_round * settings.ppo_epochs) % config.train.grad_accum:
+        raise ConfigError(f"a round has {micro_per_round * settings.ppo_epochs} micro-batches (rollouts_per_rank / "
+                          f"micro_batch_size x ppo_epochs), not a multiple of train.grad_accum={config.train.grad_accum}")
+
+
+def check_deepspeed_json(config: Config) -> None:
+    from kd_pipeline.engine.ds_config import load_ds_json
+
+    load_ds_json(config.deepspeed.config)
+
+
+def check_model_folders(config: Config) -> None:
+    from kd_pipeline.models import ModelError
+
+    roles = ("student",) if config.run.stage == "sft" else ("student", "teacher")
+    for role in roles:
+        path = getattr(config, role).path
+        if path and not (Path(path) / "config.json").is_file():
+            raise ModelError(f"{role}.path={path} has no config.json: give a transformers LLaVA folder (python -m "
+                             f"kd_pipeline.convert geochat-to-hf makes one from a GeoChat checkpoint)")
+
+
+def check_tokenizers(config: Config) -> None:
+    from kd_pipeline.tokenizer import TokenizerError, load_tokenizer, tokenizer_folder
+
+    folder = tokenizer_folder(config)
+    key = "data.tokenizer" if config.data.tokenizer else "student.path"
+    try:
+        vocabulary = load_tokenizer(folder).get_vocab()
+    except TokenizerError as error:
+        raise TokenizerError(f"{key}: {error}") from error
+    except (OSError, ValueError) as error:  # transformers' own complaints about a damaged folder
+        raise TokenizerError(f"{key}={folder} cannot be loaded as a tokenizer ({type(error).__name__}: {error}); "
+                             f"point it to a LLaMA tokenizer folder") from error
+    teacher_path = config.teacher.path
+    if config.run.stage != "sft" and teacher_path and (Path(teacher_path) / "tokenizer_config.json").is_file():
+        if load_tokenizer(teacher_path).get_vocab() != vocabulary:
+            raise TokenizerError(f"the tokenizer in teacher.path={teacher_path} differs from the student's ({key}="
+                                 f"{folder}): KD needs one shared vocabulary")
+
+
+def check_shards(config: Config) -> None:
+    from kd_pipeline.data.manifest import ManifestError, read_split
+
+    def check_split(key: str, folder: str, split: str, hint: str = "") -> None:
+        try:
+            read_split(folder, split)
+        except ManifestError as error:
+            raise ManifestError(f"{key}={folder}: {error}{hint}") from error
+
+    check_split("data.shards", config.data.shards, "train")
+    if config.train.eval_every:
+        check_split("data.shards", config.data.shards, "val",
+                    hint=f"; validation (train.eval_every={config.train.eval_every}) reads the val split: re-shard "
+                         f"with `data_prep shard --val-fraction` > 0, or set train.eval_every=0 to train without it")
+    if config.run.stage == "minillm":
+        if not config.data.pt_shards:
+            raise ConfigError("run.stage=minillm needs data.pt_shards (a `data_prep pt` folder): the pre-training "
+                              "loss is part of the method; set minillm.pt_weight=0 and any pt folder to run without it")
+        check_split("data.pt_shards", config.data.pt_shards, "pt")
+
+
+def _resumes_own_checkpoint(config: Config) -> bool:
+    """Whether the run will continue from a checkpoint (its own, or an explicit one) instead of starting fresh."""
+    from kd_pipeline.checkpoint import complete_tags
+
+    if config.checkpoint.resume == "none":
+        return False
+    if config.checkpoint.resume != "auto":
+        return True
+    return bool(complete_tags(Path(config.run.output_dir) / "checkpoints"))
+
+
+def check_init_from(config: Config) -> None:
+    """Stage 2 starts from ``run.init_from`` only on a fresh start; a resumed run does not read it."""
+    from kd_pipeline.checkpoint import resolve_init_from
+
+    if config.run.init_from and not _resumes_own_checkpoint(config):
+        resolve_init_from(config.run.init_from)
+
+
+def check_resume_path(config: Config) -> None:
+    from kd_pipeline.checkpoint import CheckpointError
+
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume} does not exist: give a checkpoint folder, or auto / none")
