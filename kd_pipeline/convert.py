@@ -12,16 +12,20 @@ Runbook::
 geochat-to-hf: reads ``config.json`` (LLaMA fields + ``mm_*``), the weights (``pytorch_model*.bin`` + index, or
 safetensors, single or sharded; pickles only with ``weights_only=True``) and ``tokenizer.model``; drops
 ``rotary_emb.inv_freq``; maps keys by part suffix (``convert_keys``) onto the installed transformers' layout;
-interpolates the CLIP position table to ``image_size`` as GeoChat does (``models.vision``); appends the ``<image>``
-row to the embedding and the lm_head, initialised to the **mean of the existing rows** (what LLaVA/GeoChat's own
+interpolates the CLIP position table to ``image_size`` as GeoChat does (``models.vision``); gives ``<image>`` the id
+after the tokenizer's tokens and a row there: when every row has a token (GeoChat's 32000), a new row appended to the
+embedding and the lm_head, initialised to the **mean of the existing rows** (what LLaVA/GeoChat's own
 ``initialize_vision_tokenizer`` does for new tokens; LLaVA-HF's converter samples around that same mean with a tiny
-covariance, which we skip to stay deterministic); writes safetensors shards, ``config.json`` and the tokenizer.
+covariance, which we skip to stay deterministic); when the table is padded beyond the tokenizer (LLaVA-HF's 32064
+rows for 32000 tokens), every row is kept and ``<image>`` takes the first row without a token, with its stored
+values (the log says so). Writes safetensors shards, ``config.json`` and the tokenizer.
 
-hf-to-geochat: the inverse for the LLM and projector (bit-exact tensors, the ``<image>`` row dropped), a GeoChat
-``config.json`` (``model_type: geochat`` and the ``mm_*`` fields), ``tokenizer.model`` and GeoChat's tokenizer
-config, weights as safetensors shards (``format: pt`` metadata, as transformers 4.31 requires). The vision tower is
-not written: GeoChat's loader never reads stored tower weights, it reloads CLIP from ``mm_vision_tower`` and
-interpolates its position table itself.
+hf-to-geochat: the inverse for the LLM and projector (bit-exact tensors; an appended ``<image>`` row is dropped, a
+padded table is kept whole), a GeoChat ``config.json`` (``model_type: geochat`` and the ``mm_*`` fields),
+``tokenizer.model`` and GeoChat's tokenizer config (plus the ``llava_v1`` chat template), ``generation_config.json``
+when the source has one, weights as safetensors shards (``format: pt`` metadata, as transformers 4.31 requires). The
+vision tower is not written: GeoChat's loader never reads stored tower weights, it reloads CLIP from
+``mm_vision_tower`` and interpolates its position table itself.
 
 Output is written to ``DST.partial`` and renamed when complete; an existing non-empty ``DST`` is refused.
 """
@@ -47,6 +51,7 @@ from kd_pipeline.convert_keys import (CLIP_NON_VISION_PREFIXES, GEOCHAT_TOWER_PR
 from kd_pipeline.errors import UserError, user_errors_exit
 from kd_pipeline.models.layout import llava_layout
 from kd_pipeline.models.vision import grid_side, interpolate_position_table
+from kd_pipeline.prompts import chat_template
 from kd_pipeline.tokenizer import image_token_id, load_tokenizer, save_tokenizer, write_tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -277,12 +282,19 @@ def geochat_to_hf(src: str | Path, dst: str | Path, vision_tower: str | Path | N
     if embed_name not in source:
         raise ConversionError(f"{src}: key {embed_name} is missing from the checkpoint")
     rows = source[embed_name].shape[0]
-    if image_id != rows:
+    if image_id > rows:
         raise ConversionError(f"{src}: {embed_name} has {rows} rows but the tokenizer names {image_id} tokens before "
-                              "<image>: every row must have a token (GeoChat lists added ones such as <im_patch> "
-                              "in added_tokens.json)")
-    config = hf_config_from_geochat(geochat, src, vision, vocab_size=rows + 1, image_token_id=image_id,
-                                    image_size=image_size)
+                              "<image>: every token needs a row (is this the checkpoint's own tokenizer? GeoChat lists "
+                              "added ones such as <im_patch> in added_tokens.json)")
+    padded = image_id < rows
+    if padded:
+        log.info("%s: %s has %d rows, the tokenizer %d tokens: a padded vocabulary. Keeping all %d rows; <image> "
+                 "takes id %d, the first row without a token (its stored values are kept, like those of the other "
+                 "%d padding rows: no token ever feeds them)", src, embed_name, rows, image_id, rows, image_id,
+                 rows - image_id - 1)
+    config = hf_config_from_geochat(geochat, src, vision, vocab_size=rows if padded else rows + 1,
+                                    image_token_id=image_id, image_size=image_size)
+    config.geochat_vocab_size = rows  # for the way back: hf-to-geochat restores exactly these rows
     with torch.device("meta"):
         template = LlavaForConditionalGeneration(config)
     layout = llava_layout(template)
@@ -307,8 +319,9 @@ def geochat_to_hf(src: str | Path, dst: str | Path, vision_tower: str | Path | N
         raise ConversionError(f"{src}: vision tower keys not used by CLIP, e.g. {sorted(tower)[:3]}")
 
     embed_key, head_key = embedding_keys(layout, converted)
-    converted[embed_key] = append_mean_row(converted[embed_key])  # (V + 1, H): <image> at id V
-    converted[head_key] = append_mean_row(converted[head_key])
+    if not padded:
+        converted[embed_key] = append_mean_row(converted[embed_key])  # (V + 1, H): <image> at id V
+        converted[head_key] = append_mean_row(converted[head_key])
     table_key = f"{layout.position_embedding}.weight"
     converted[table_key] = interpolate_position_table(converted[table_key], image_size // vision.patch_size)
     for key, tensor in converted.items():
@@ -366,7 +379,7 @@ def write_geochat_tokenizer(src: Path, folder: Path, image_id: int) -> None:
         raise ConversionError(f"{src}: the tokenizer's <image> is id {image_token_id(tokenizer)} but config.json "
                               f"says image_token_id {image_id}")
     shutil.copyfile(src / "tokenizer.model", folder / "tokenizer.model")
-    write_tokenizer_config(folder)
+    write_tokenizer_config(folder, chat_template=chat_template("llava_v1"))
     pieces = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model")).get_piece_size()
     added = {tokenizer.convert_ids_to_tokens(token_id): token_id for token_id in range(pieces, image_id)}
     if added:
@@ -413,21 +426,30 @@ def hf_to_geochat(src: str | Path, dst: str | Path, vision_tower_name: str | Non
     rows = state[embed_key].shape[0]
     if rows <= image_id:
         raise ConversionError(f"{src}: image_token_id {image_id} is not a row of {embed_key} ({rows} rows)")
-    if rows > image_id + 1:
-        log.warning("dropping %d rows after <image> (id %d): GeoChat has no such tokens", rows - image_id - 1, image_id)
+    # GeoChat's <image> is a placeholder id, not a row. Appended after the vocabulary (the usual case), its row is
+    # dropped; inside a padded vocabulary every row is kept and <image>'s becomes padding too. A folder converted
+    # from GeoChat records which (geochat_vocab_size), so a table with a single padding row also comes back whole.
+    kept_rows = getattr(config, "geochat_vocab_size", None) or (image_id if rows == image_id + 1 else rows)
+    if not image_id <= kept_rows <= rows:
+        raise ConversionError(f"{src / 'config.json'}: geochat_vocab_size {kept_rows} does not fit {rows} rows with "
+                              f"<image> at {image_id}")
+    if kept_rows == rows:
+        log.info("%s: padded vocabulary (%d rows, <image> at %d): keeping every row; GeoChat's vocab_size is %d",
+                 src, rows, image_id, rows)
     converted: dict[str, torch.Tensor] = {}
     for name, hf_key in tqdm(geochat_key_map(expected, layout).items(), desc="mapping keys", unit="tensor"):
         if is_tower_key(name):
             continue
         tensor = state[hf_key]
-        # GeoChat's <image> is a placeholder id, not a row: keep the rows before it.
-        converted[name] = tensor[:image_id] if hf_key in (embed_key, head_key) else tensor
+        converted[name] = tensor[:kept_rows] if hf_key in (embed_key, head_key) else tensor
     dtype = state[embed_key].dtype
     with staging_folder(dst) as folder:
         write_weights(converted, folder, max_shard_size)
-        geochat = geochat_config_from_hf(config, image_id, dtype, vision_tower_name)
+        geochat = geochat_config_from_hf(config, kept_rows, dtype, vision_tower_name)
         (folder / "config.json").write_text(json.dumps(geochat, indent=2))
         write_geochat_tokenizer(src, folder, image_id)
+        if (src / "generation_config.json").is_file():  # decoding defaults (an export's: greedy to EOS)
+            shutil.copyfile(src / "generation_config.json", folder / "generation_config.json")
     if "geochat" not in dst.name.lower():
         log.warning("GeoChat's builder loads the multimodal model only when the folder name contains 'geochat': "
                     "rename %s", dst)

@@ -18,25 +18,46 @@ own ``get_fp32_state_dict_from_zero_checkpoint`` (CPU, no process group; this yi
 ``create_model`` (no DeepSpeed) -> copy the ``llava.*`` tensors in, strictly (every key, every shape) -> merge LoRA
 when asked (in float32, then cast) -> write.
 
-``--format hf`` output (written to ``OUT.partial`` and renamed when complete):
+``--format hf`` output (written to ``OUT.partial`` and renamed when complete), a complete transformers folder::
 
-    config.json, generation_config.json    the LLaVA model config
+    processor = AutoProcessor.from_pretrained("export/student_hf")
+    model = LlavaForConditionalGeneration.from_pretrained("export/student_hf")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "Classify the image."}]}], add_generation_prompt=True)
+    answer_ids = model.generate(**processor(images=image.convert("RGB"), text=prompt, return_tensors="pt"))
+
+    config.json                            the LLaVA model config
+    generation_config.json                 how ``eval run`` decodes: greedy, one beam, stop at EOS, pad 0, 256 new
+                                           tokens (``eval.generate.greedy_generation_config``)
     model.safetensors (or shards + index)  the weights in ``--dtype``
     adapter_config.json                    LoRA students without --merge-lora only: peft's adapter files next to
     adapter_model.safetensors              the base weights (base = every trained non-LoRA weight, projector
                                            included). transformers' from_pretrained loads such a folder as base +
                                            embedded adapter (peft must be installed); merging gives the same logits.
-    tokenizer files + tokenizer.model      ``kd_pipeline.tokenizer.save_tokenizer``
-    preprocessor_config.json               a CLIPImageProcessor with GeoChat's CLIP mean/std at the run's
-                                           image_size (resize shortest edge + centre crop; GeoChat's pad-to-square
-                                           with the mean colour comes first, see ``kd_pipeline.data.images``)
+    processor_config.json                  ``LlavaProcessor``: patch size and feature strategy of the tower, so
+                                           ``<image>`` expands to the model's (image_size / patch)^2 image tokens
+    preprocessor_config.json               ``LlavaImageProcessor`` doing GeoChat's preprocessing: pad to a square
+                                           filled with the CLIP mean, bicubic resize to the tower's size, no crop,
+                                           CLIP mean/std (``kd_pipeline.data.images.image_processor``: its pixels
+                                           equal the training loader's)
+    chat_template.jinja                    GeoChat's ``llava_v1`` prompt (evaluation and demo); ``chat_templates/``
+    chat_templates/{llava_v1,vicuna_v1}    holds both by name (``vicuna_v1``: the training template), e.g.
+                                           ``processor.apply_chat_template(messages, chat_template="vicuna_v1")``
+    tokenizer files + tokenizer.model      ``kd_pipeline.tokenizer``: legacy LLaMA tokenization, as in training
     feature_map.safetensors                P (student hidden -> teacher hidden) for continuing distillation, keys
                                            without the ``feature_map.`` prefix; absent when P has no weights
     run_config.yaml                        the checkpoint's resolved run config
     export.json                            provenance: source checkpoint, step, dtype, LoRA handling, format
 
+With torchvision installed, load the processor with ``AutoProcessor.from_pretrained(folder, backend="pil")``:
+transformers then prefers its torchvision backend, whose bicubic resize is not PIL's (see ``data/images.py``).
+
 ``--format geochat`` writes GeoChat's layout (LoRA always merged: GeoChat's adapter form is not produced) plus
-``feature_map.safetensors``, ``run_config.yaml`` and ``export.json``.
+``feature_map.safetensors``, ``run_config.yaml`` and ``export.json``. Of the above, GeoChat's layout has equivalents
+for the generation config (``generation_config.json``, read by its ``generate``) and the chat template (in
+``tokenizer_config.json``, for transformers >= 4.34; GeoChat's own code picks its template by ``--conv-mode``); its
+preprocessing is stated by ``config.json`` itself (``image_aspect_ratio: pad`` with the CLIP processor of
+``mm_vision_tower``), so no processor file is written.
 
 dtype: ``auto`` writes what the engine computed with (bf16 when the checkpoint's DeepSpeed config enabled it, else
 fp16 / fp32). The engine's 16-bit parameters are casts of the fp32 masters, so these are the weights it ran with
@@ -162,14 +183,6 @@ def consolidated_state(folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------- rebuild
 
 
-def tokenizer_folder(config: Config) -> Path:
-    """The rule of ``kd_pipeline.engine.build.tokenizer_path``: ``data.tokenizer``, else ``student.path``."""
-    path = config.data.tokenizer or config.student.path
-    if not path:
-        raise ExportError("the checkpoint's config names no tokenizer (data.tokenizer and student.path are empty)")
-    return Path(path)
-
-
 def load_student_weights(model: torch.nn.Module, state: dict) -> None:
     """Copy every ``llava.*`` tensor of ``state`` into ``model``; any missing, extra or reshaped key is refused."""
     expected = model.state_dict()
@@ -213,14 +226,34 @@ def feature_map_tensors(state: dict) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def write_hf_folder(model: torch.nn.Module, folder: Path, *, merge_lora: bool, dtype: torch.dtype,
-                    tokenizer, tokenizer_dir: Path, image_size: int) -> bool:
-    """The transformers folder (weights, config, tokenizer, image processor); returns whether LoRA was merged."""
-    from peft import PeftModel
-    from transformers import CLIPImageProcessorPil
+def llava_processor(model: torch.nn.Module, tokenizer):
+    """transformers' ``LlavaProcessor`` for ``model``: GeoChat's image preprocessing at the tower's size, the
+    tokenizer, ``<image>`` expanded to the model's image-token count, and GeoChat's chat templates by name."""
+    from transformers import LlavaProcessor
 
-    from kd_pipeline.data.images import CLIP_MEAN, CLIP_STD
-    from kd_pipeline.tokenizer import save_tokenizer
+    from kd_pipeline.data.images import image_processor
+    from kd_pipeline.models import unwrap_model
+    from kd_pipeline.prompts import IMAGE_TOKEN, chat_template
+
+    config = unwrap_model(model).config
+    templates = {"default": chat_template("llava_v1"), "llava_v1": chat_template("llava_v1"),
+                 "vicuna_v1": chat_template("vicuna_v1")}
+    # (S / P)^2 patch tokens + CLIP's class token (num_additional_image_tokens), which the "default" feature
+    # strategy drops again: the processor then writes as many <image> ids as the model has image features.
+    return LlavaProcessor(image_processor=image_processor(config.vision_config.image_size), tokenizer=tokenizer,
+                          patch_size=config.vision_config.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=templates)
+
+
+def write_hf_folder(model: torch.nn.Module, folder: Path, *, merge_lora: bool, dtype: torch.dtype,
+                    tokenizer, tokenizer_dir: Path) -> bool:
+    """The transformers folder (weights, config, generation config, processor, tokenizer); returns whether LoRA
+    was merged."""
+    from peft import PeftModel
+
+    from kd_pipeline.eval.generate import greedy_generation_config
+    from kd_pipeline.tokenizer import complete_tokenizer_folder
 
     merged = False
     if isinstance(model, PeftModel):
@@ -234,10 +267,10 @@ def write_hf_folder(model: torch.nn.Module, folder: Path, *, merge_lora: bool, d
             (folder / "README.md").unlink(missing_ok=True)  # peft's blank model-card template
             # unload() removes the adapter layers and keeps every base weight as trained.
             model = model.unload()
+    model.generation_config = greedy_generation_config(tokenizer)
     model.to(dtype).save_pretrained(str(folder), max_shard_size="5GB")
-    save_tokenizer(tokenizer, folder, source_dir=tokenizer_dir)
-    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(str(folder))
+    llava_processor(model, tokenizer).save_pretrained(str(folder))  # processor, image processor, tokenizer, templates
+    complete_tokenizer_folder(folder, tokenizer_dir)
     return merged
 
 
@@ -265,6 +298,7 @@ def write_geochat_folder(model: torch.nn.Module, folder: Path, *, dtype: torch.d
     from peft import PeftModel
 
     from kd_pipeline.convert import hf_to_geochat, write_weights
+    from kd_pipeline.eval.generate import greedy_generation_config
     from kd_pipeline.tokenizer import save_tokenizer
 
     merged = isinstance(model, PeftModel)
@@ -276,6 +310,7 @@ def write_geochat_folder(model: torch.nn.Module, folder: Path, *, dtype: torch.d
     try:
         write_weights(llava.state_dict(), scratch)
         llava.config.save_pretrained(str(scratch))
+        greedy_generation_config(tokenizer).save_pretrained(str(scratch))
         save_tokenizer(tokenizer, scratch, source_dir=tokenizer_dir)
         hf_to_geochat(scratch, folder)
     finally:
@@ -287,7 +322,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge_lora: bo
                       dtype: str = "auto", check_hashes: bool = True) -> Path:
     """Export ``checkpoint`` (a checkpoint or run folder) to ``out``; see the module docstring. Returns ``out``."""
     from kd_pipeline.convert import staging_folder
-    from kd_pipeline.tokenizer import load_tokenizer
+    from kd_pipeline.tokenizer import load_tokenizer, tokenizer_folder
 
     if out_format not in ("hf", "geochat"):
         raise ExportError(f"--format {out_format!r} is not one of hf, geochat")
@@ -299,7 +334,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge_lora: bo
     folder = verified_folder(checkpoint, check_hashes=check_hashes)
     config = checkpoint_config(folder)
     out_dtype = checkpoint_dtype(folder) if dtype == "auto" else DTYPES[dtype]
-    tokenizer_dir = tokenizer_folder(config)
+    tokenizer_dir = tokenizer_folder(config)  # the run's rule: data.tokenizer, else student.path
     tokenizer = load_tokenizer(tokenizer_dir)
     state = consolidated_state(folder)
     model = rebuild_student(config, state, tokenizer)
@@ -312,7 +347,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge_lora: bo
     with staging_folder(out) as partial:
         if out_format == "hf":
             merged = write_hf_folder(model, partial, merge_lora=merge_lora, dtype=out_dtype, tokenizer=tokenizer,
-                                     tokenizer_dir=tokenizer_dir, image_size=config.student.image_size)
+                                     tokenizer_dir=tokenizer_dir)
         else:
             merged = write_geochat_folder(model, partial, dtype=out_dtype, tokenizer=tokenizer,
                                            tokenizer_dir=tokenizer_dir)

@@ -14,14 +14,16 @@ Checks, cheapest first; the first problem raises a ``UserError`` subclass whose 
    ``train.eval_every=0`` (no validation at all); stage 2 also the pre-training shards ``data.pt_shards``;
 3. ``deepspeed.config`` exists and is JSON (the rest of it is resolved against the runtime when engines are built);
 4. model folders: ``student.path`` (and ``teacher.path`` unless ``run.stage=sft``) hold a ``config.json``;
-5. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids, and a teacher folder
-   that carries its own tokenizer has the same vocabulary (KD compares distributions id by id);
+5. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids; for distillation, a
+   teacher folder that carries its own tokenizer has the same vocabulary and a student folder has no padding rows
+   beyond it (KD compares distributions id by id; a padded teacher is fine, its extra rows are dropped);
 6. stage 2: ``run.init_from`` is a complete checkpoint, unless the run resumes from a checkpoint;
 7. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kd_pipeline.config import Config, ConfigError
@@ -82,11 +84,32 @@ def check_tokenizers(config: Config) -> None:
     except (OSError, ValueError) as error:  # transformers' own complaints about a damaged folder
         raise TokenizerError(f"{key}={folder} cannot be loaded as a tokenizer ({type(error).__name__}: {error}); "
                              f"point it to a LLaMA tokenizer folder") from error
+    if config.run.stage == "sft":
+        return
     teacher_path = config.teacher.path
-    if config.run.stage != "sft" and teacher_path and (Path(teacher_path) / "tokenizer_config.json").is_file():
+    if teacher_path and (Path(teacher_path) / "tokenizer_config.json").is_file():
         if load_tokenizer(teacher_path).get_vocab() != vocabulary:
             raise TokenizerError(f"the tokenizer in teacher.path={teacher_path} differs from the student's ({key}="
                                  f"{folder}): KD needs one shared vocabulary")
+    if config.student.path:
+        rows = _embedding_rows(Path(config.student.path) / "config.json")
+        if rows > len(vocabulary):
+            raise TokenizerError(f"student.path={config.student.path} has {rows} embedding rows for the tokenizer's "
+                                 f"{len(vocabulary)} tokens (a padded vocabulary): distillation compares student and "
+                                 f"teacher distributions over the tokenizer's tokens, so the student must not carry "
+                                 f"padding rows; start from an unpadded checkpoint")
+
+
+def _embedding_rows(config_file: Path) -> int:
+    """``text_config.vocab_size`` of a transformers LLaVA ``config.json`` (0 when it does not say)."""
+    from kd_pipeline.models import ModelError
+
+    try:
+        settings = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{config_file} is not readable JSON ({error}): give a transformers LLaVA folder") from error
+    text_config = settings.get("text_config") if isinstance(settings, dict) else None
+    return int(text_config.get("vocab_size", 0)) if isinstance(text_config, dict) else 0
 
 
 def check_shards(config: Config) -> None:

@@ -22,6 +22,7 @@ since the image features would have nowhere to go).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
@@ -79,6 +80,51 @@ def render_eval_prompt(question: str, *, has_image: bool = True, template: str =
     """The single-turn evaluation prompt: ``<system> USER: <image>\\nQ ASSISTANT:``."""
     value = IMAGE_TOKEN + "\n" + question if has_image and IMAGE_TOKEN not in question else question
     return render([{"from": "human", "value": value}], template, open_answer=True)
+
+
+def chat_template(template: str = "llava_v1") -> str:
+    """A Jinja chat template (transformers' ``apply_chat_template``) that renders exactly what ``render`` renders.
+
+    Messages are ``{"role": "user"|"assistant", "content": str | [{"type": "image"} | {"type": "text", ...}]}``;
+    an optional leading ``{"role": "system", ...}`` replaces the template's system prompt. The image (an
+    ``{"type": "image"}`` item or a literal ``<image>``) is moved to the front of the first turn as ``"<image>\\n"``
+    (``image_to_front``); an image item in a later turn is refused: GeoChat takes one image per conversation.
+    ``add_generation_prompt`` appends the open ``"ASSISTANT:"`` slot (``render(..., open_answer=True)``).
+    """
+    tpl = get_template(template)
+
+    def quoted(text: str) -> str:  # a Jinja string literal (JSON's escaping is valid Jinja)
+        return json.dumps(text)
+
+    user, assistant = (quoted(role + ": ") for role in tpl.roles)
+    return (
+        "{%- set ns = namespace(system=" + quoted(tpl.system) + ") -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+        "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+        "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+        "{%- set messages = messages[1:] -%}"
+        "{%- endif -%}"
+        "{{- ns.system + " + quoted(tpl.sep) + " -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set text = message['content'] -%}{%- set has_image = " + quoted(IMAGE_TOKEN) + " in text -%}"
+        "{%- else -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+        "| join(' ') -%}"
+        "{%- set has_image = message['content'] | selectattr('type', 'equalto', 'image') | list | length > 0 -%}"
+        "{%- endif -%}"
+        "{%- if has_image and loop.first -%}"
+        "{%- set text = (" + quoted(IMAGE_TOKEN + "\n") + " + (text | replace(" + quoted(IMAGE_TOKEN) + ", '') "
+        "| trim)) | trim -%}"
+        "{%- elif has_image and message['content'] is not string -%}"
+        "{{- raise_exception('GeoChat takes one image, in the first user turn') -}}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{{- " + user + " + text + " + quoted(tpl.sep) + " -}}"
+        "{%- else -%}{{- " + assistant + " + text + " + quoted(tpl.sep2) + " -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + quoted(tpl.roles[1] + ":") + " -}}{%- endif -%}"
+    )
 
 
 def tokenize_with_image(text: str, tokenizer, image_token_id: int) -> list[int]:

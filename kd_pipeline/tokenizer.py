@@ -69,10 +69,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     return out_dir
 
 
-def write_tokenizer_config(out_dir: str | Path) -> None:
-    """Write GeoChat-style ``tokenizer_config.json`` and ``special_tokens_map.json`` beside a ``tokenizer.model``."""
+def write_tokenizer_config(out_dir: str | Path, chat_template: str | None = None) -> None:
+    """Write GeoChat-style ``tokenizer_config.json`` and ``special_tokens_map.json`` beside a ``tokenizer.model``
+    (with ``chat_template`` for transformers >= 4.34 when given; older versions ignore the key)."""
     out_dir = Path(out_dir)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    settings = {**TOKENIZER_CONFIG, **({"chat_template": chat_template} if chat_template else {})}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, indent=2))
 
@@ -115,9 +117,25 @@ def image_token_id(tokenizer) -> int:
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path, source_dir: str | Path | None = None) -> None:
-    """Save for ``from_pretrained`` and keep ``tokenizer.model`` next to it (GeoChat's own code needs the file)."""
+    """Save for ``from_pretrained`` (``complete_tokenizer_folder`` then keeps GeoChat's tokenization and files)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
+    complete_tokenizer_folder(out_dir, source_dir)
+
+
+def complete_tokenizer_folder(out_dir: str | Path, source_dir: str | Path | None = None) -> None:
+    """After a transformers ``save_pretrained`` into ``out_dir``: mark the tokenizer legacy and copy
+    ``tokenizer.model`` from ``source_dir`` (GeoChat's own code needs the file).
+
+    transformers 5 does not write ``legacy`` back, and a plain ``AutoTokenizer.from_pretrained`` (what
+    ``AutoProcessor`` calls) then loads the non-legacy behaviour: ``"</s>USER"`` becomes ``["</s>", "USER"]`` instead
+    of GeoChat's ``["</s>", "▁USER"]``, so prompts would tokenize differently from training.
+    """
+    out_dir = Path(out_dir)
+    config_file = out_dir / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text())
+    settings["legacy"] = True
+    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     if source_dir is not None and (Path(source_dir) / "tokenizer.model").is_file():
         shutil.copyfile(Path(source_dir) / "tokenizer.model", out_dir / "tokenizer.model")

@@ -40,15 +40,19 @@ def tower_keys(tower: CLIPVisionModel) -> dict[str, torch.Tensor]:
     return {key.removeprefix("vision_model."): value.clone() for key, value in tower.state_dict().items()}
 
 
-def write_geochat_checkpoint(folder, tokenizer_dir, *, with_tower: bool, extra_rows: int = 0):
-    """A GeoChat-7B-like folder in miniature: config.json, two .bin shards + index, tokenizer.model."""
+def write_geochat_checkpoint(folder, tokenizer_dir, *, with_tower: bool, extra_rows: int = 0,
+                             name_extra_row: bool = True):
+    """A GeoChat-7B-like folder in miniature: config.json, two .bin shards + index, tokenizer.model.
+
+    ``extra_rows`` rows follow the SentencePiece vocabulary; with ``name_extra_row`` the last one is ``<im_patch>``
+    in added_tokens.json (GeoChat's way of adding tokens), else they are padding that no token names."""
     folder.mkdir(parents=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(tokenizer_dir / name, folder / name)
     import sentencepiece as spm
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
     vocab += extra_rows
-    if extra_rows:
+    if extra_rows and name_extra_row:
         (folder / "added_tokens.json").write_text(json.dumps({"<im_patch>": vocab - 1}))
     torch.manual_seed(1)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=False, **LLM))
@@ -219,9 +223,48 @@ def test_an_added_row_named_in_added_tokens_json_is_kept(tmp_path, tokenizer_dir
     assert added == {"<im_patch>": vocab - 1}
 
 
-def test_an_unnamed_extra_row_is_refused(tmp_path, tokenizer_dir):
-    write_geochat_checkpoint(tmp_path / "geochat", tokenizer_dir, with_tower=True, extra_rows=1)
-    (tmp_path / "geochat" / "added_tokens.json").unlink()
+@pytest.mark.parametrize("padding", [1, 64])
+def test_a_padded_vocabulary_keeps_every_row_and_places_image_after_the_tokens(tmp_path, tokenizer_dir, caplog,
+                                                                               padding):
+    """LLaVA-HF pads its table to 32064 rows for 32000 tokens; such a checkpoint converts with every row kept, <image>
+    at the first row without a token (for tokenizer and config alike), the same forward, and comes back whole."""
+    from kd_pipeline.config import ModelConfig
+    from kd_pipeline.models import load_model
+
+    state, rows = write_geochat_checkpoint(tmp_path / "geochat", tokenizer_dir, with_tower=True, extra_rows=padding,
+                                           name_extra_row=False)
+    pieces = rows - padding
+    caplog.set_level("INFO")
+    geochat_to_hf(tmp_path / "geochat", tmp_path / "hf", image_size=NEW_SIZE)
+    assert f"has {rows} rows, the tokenizer {pieces} tokens: a padded vocabulary. Keeping all {rows} rows; <image> " \
+           f"takes id {pieces}" in caplog.text
+    tokenizer = load_tokenizer(tmp_path / "hf")
+    model = load_model(ModelConfig(path=str(tmp_path / "hf"), image_size=NEW_SIZE), vocab_size=len(tokenizer),
+                       image_token_id=image_token_id(tokenizer)).eval()  # more rows than tokens: accepted
+    assert image_token_id(tokenizer) == model.config.image_token_id == pieces and len(tokenizer) == pieces + 1
+    for table, original in ((model.get_input_embeddings().weight, state["model.embed_tokens.weight"]),
+                            (model.lm_head.weight, state["lm_head.weight"])):
+        assert table.shape[0] == rows and torch.equal(table.detach(), original.float())  # every row, as stored
+
+    text_before, text_after = torch.tensor([1, 40, 41]), torch.tensor([50, 51])
+    input_ids = torch.cat([text_before, torch.full((36,), pieces), text_after]).unsqueeze(0)
+    pixel_values = torch.randn(1, 3, NEW_SIZE, NEW_SIZE)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits[0]  # (41, rows)
+    tower_state = {k.removeprefix(TOWER): v for k, v in state.items() if k.startswith(TOWER)}
+    expected = reference_logits(state, tower_state, rows, text_before, text_after, pixel_values)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+    hf_to_geochat(tmp_path / "hf", tmp_path / "geochat-back")
+    restored = load_file(tmp_path / "geochat-back" / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(restored[key], state[key]), key
+    assert json.loads((tmp_path / "geochat-back" / "config.json").read_text())["vocab_size"] == rows
+
+
+def test_a_token_without_a_row_is_refused(tmp_path, tokenizer_dir):
+    _, rows = write_geochat_checkpoint(tmp_path / "geochat", tokenizer_dir, with_tower=True)
+    (tmp_path / "geochat" / "added_tokens.json").write_text(json.dumps({"<im_patch>": rows}))  # one past the table
     with pytest.raises(ConversionError, match="model.embed_tokens.weight has .* rows but the tokenizer names"):
         geochat_to_hf(tmp_path / "geochat", tmp_path / "hf", image_size=NEW_SIZE)
 

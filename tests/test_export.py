@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from kd_pipeline.config import load_config
@@ -150,7 +152,8 @@ def test_unmerged_lora_export_loads_as_base_plus_adapter(trained_run, tmp_path):
     tokenizer = load_tokenizer(unmerged)
     assert (unmerged / "tokenizer.model").is_file() and image_token_id(tokenizer) == 400
     processor = AutoImageProcessor.from_pretrained(str(unmerged), local_files_only=True)
-    assert processor.crop_size["height"] == 56 and list(processor.image_mean)[0] == pytest.approx(0.48145466)
+    assert processor.do_pad and not processor.do_center_crop and processor.size == {"height": 56, "width": 56}
+    assert list(processor.image_mean)[0] == pytest.approx(0.48145466)
 
 
 def test_geochat_format_and_dtype(trained_run, tmp_path):
@@ -205,3 +208,158 @@ def test_load_student_weights_is_strict():
         load_student_weights(model, {**good, "llava.extra": torch.zeros(1)})
     with pytest.raises(ExportError, match=r"llava|weight is \(3, 3\)"):
         load_student_weights(model, {**good, "llava.weight": torch.randn(3, 3)})
+
+
+# ----------------------------------------------------------------------------------------------------- processor
+
+
+# GeoChat's demo photos (mbzuai-oryx/GeoChat demo_images/): 7292.JPG is a 4592 x 3072 camera JPEG,
+# church_183.png 600 x 600, 04133.png 800 x 800, MicrosoftTeams-image.png 389 x 389. Images of those sizes are made
+# here, plus a small landscape strip whose padding is odd (139 rows: one more below than above).
+DEMO_SIZES = {"camera.jpg": (4592, 3072), "church.png": (600, 600), "scene.png": (800, 800), "small.png": (389, 389),
+              "strip.png": (389, 250)}
+QUESTION = "Classify the image.\nAnswer the question using a single word or phrase."
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth gradients plus noise: resampling sees real structure, not flat colour."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * rows / height, 255 * columns / width, 127 + 100 * np.sin((rows + columns) / 50)], -1)
+    noise = rng.normal(0, 20, (height, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo_images")
+    for seed, (name, (width, height)) in enumerate(DEMO_SIZES.items()):
+        photo(width, height, seed).save(folder / name, quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "student_hf"
+    assert main(["--checkpoint", str(trained_run), "--out", str(out), "--merge-lora"]) == 0
+    return out
+
+
+def load_processor(folder: Path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil", (
+        "transformers chose its torchvision backend (torchvision is installed): its bicubic resize is not PIL's; "
+        "load with AutoProcessor.from_pretrained(folder, backend='pil')")
+    return processor
+
+
+def conversation(question: str) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "A red ship near the harbour."},
+            {"from": "human", "value": "Is there a plane?"}, {"from": "gpt", "value": "no"}]
+
+
+def as_messages(turns: list[dict]) -> list[dict]:
+    """GeoChat's turns as transformers chat messages, the image as an image item of the first user turn."""
+    messages = []
+    for index, turn in enumerate(turns):
+        text = turn["value"].replace("<image>\n", "")
+        content = [{"type": "image"}, {"type": "text", "text": text}] if index == 0 else [{"type": "text", "text": text}]
+        messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
+    return messages
+
+
+def test_exported_processor_reproduces_the_training_loader_and_the_prompts(exported, demo_images, tmp_path):
+    """On GeoChat's demo photo sizes, AutoProcessor(images, text) gives the training loader's pixel_values (bit for
+    bit, <= 1e-6 asked) and input_ids, and the chat templates render GeoChat's llava_v1 / vicuna_v1 prompts."""
+    from data_prep.__main__ import main as data_prep
+
+    from kd_pipeline.config import DataConfig
+    from kd_pipeline.data import build_eval_loader
+    from kd_pipeline.eval.generate import encode_question
+    from kd_pipeline.prompts import render, render_eval_prompt
+    from kd_pipeline.tokenizer import image_token_id, load_tokenizer
+
+    names = list(DEMO_SIZES)
+    records = [{"id": index, "image": name, "conversations": conversation(f"Photo {index}: what is shown?")}
+               for index, name in enumerate(names)]
+    (tmp_path / "instruct.json").write_text(json.dumps(records))
+    assert data_prep(["shard", "--instruct", str(tmp_path / "instruct.json"), "--images", str(demo_images), "--out",
+                      str(tmp_path / "shards"), "--val-fraction", "0", "--workers", "1"]) == 0
+    tokenizer = load_tokenizer(exported)
+    loader = build_eval_loader(DataConfig(shards=str(tmp_path / "shards"), template="vicuna_v1", num_workers=0),
+                               split="train", tokenizer=tokenizer, image_size=56, num_image_tokens=16,
+                               micro_batch_size=1, rank=0, world_size=1)
+    processor = load_processor(exported)
+
+    seen = []
+    for batch in loader:
+        (key,) = batch["keys"]
+        record = records[int(key)]
+        image = Image.open(demo_images / record["image"]).convert("RGB")
+        text = processor.apply_chat_template(as_messages(record["conversations"]), chat_template="vicuna_v1")
+        assert text == render(record["conversations"], "vicuna_v1")
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        assert inputs["pixel_values"].shape == batch["pixel_values"].shape == (1, 3, 56, 56)
+        assert (inputs["pixel_values"] - batch["pixel_values"]).abs().max() <= 1e-6, record["image"]
+        assert inputs["input_ids"][0].tolist() == batch["input_ids"][0].tolist(), record["image"]
+
+        prompt = processor.apply_chat_template(as_messages(record["conversations"][:1]), add_generation_prompt=True)
+        question = record["conversations"][0]["value"].removeprefix("<image>\n")
+        assert prompt == render_eval_prompt(question)  # llava_v1, the default template
+        ids = processor(images=image, text=prompt)["input_ids"][0]
+        assert ids == encode_question(question, tokenizer, image_token_id(tokenizer), 16)
+        seen.append(record["image"])
+    assert sorted(seen) == sorted(names)
+
+
+def test_generate_on_the_export_reproduces_eval_run_token_for_token(exported, demo_images, tmp_path, monkeypatch):
+    """``model.generate`` with the export's processor and generation_config.json (no arguments) gives the answers
+    ``eval run`` writes, and the same token ids (captured inside eval run), on the demo photo sizes."""
+    from transformers import LlavaForConditionalGeneration
+
+    from kd_pipeline.eval import generate as eval_generate
+    from kd_pipeline.eval.run import main as eval_run
+
+    data = tmp_path / "bench"
+    (data / "images").mkdir(parents=True)
+    questions = []
+    for index, name in enumerate(DEMO_SIZES):
+        shutil.copyfile(demo_images / name, data / "images" / name)
+        questions.append({"question_id": f"q{index}", "image": name, "prompt": QUESTION, "ground_truth": "harbor"})
+    (data / "aid.jsonl").write_text("".join(json.dumps(question) + "\n" for question in questions))
+    captured: list[list[int]] = []
+    decode = eval_generate.decode_answer
+
+    def recording_decode(new_token_ids, tokenizer, eos_id):
+        captured.append(list(new_token_ids))
+        return decode(new_token_ids, tokenizer, eos_id)
+
+    monkeypatch.setattr(eval_generate, "decode_answer", recording_decode)
+    assert eval_run(["--model", f"student={exported}", "--tasks", "aid", "--data", str(data), "--out",
+                     str(tmp_path / "eval"), "--device", "cpu", "--no-latency", "--no-meteor"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers" / "student" / "aid.jsonl").read_text()
+               .splitlines()]
+    assert [answer["question_id"] for answer in answers] == [question["question_id"] for question in questions]
+
+    def up_to_eos(ids: list[int]) -> list[int]:
+        return ids[:ids.index(2) + 1] if 2 in ids else ids
+
+    processor = load_processor(exported)
+    model = LlavaForConditionalGeneration.from_pretrained(str(exported)).eval()
+    settings = model.generation_config
+    assert (settings.do_sample, settings.num_beams, settings.eos_token_id, settings.pad_token_id,
+            settings.max_new_tokens) == (False, 1, 2, 0, 256)
+    for question, answer, eval_ids in zip(questions, answers, captured, strict=True):
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question["prompt"]}]}],
+            add_generation_prompt=True)
+        image = Image.open(data / "images" / question["image"]).convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs)
+        new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
+        assert up_to_eos(new_ids) == up_to_eos(eval_ids) and new_ids, question["image"]
+        text = processor.tokenizer.decode([i for i in up_to_eos(new_ids) if i != 2], skip_special_tokens=True)
+        assert text.strip() == answer["answer"]

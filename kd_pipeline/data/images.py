@@ -1,5 +1,9 @@
 """Image decoding and CLIP preprocessing as GeoChat trains: RGB, pad to square, resize, normalise.
 
+This module is the one definition of the preprocessing: the training loader (``data.samples``), ``eval run``
+(``eval.generate.load_pixels``) and the exported transformers processor (``image_processor``, written by
+``kd_pipeline.export``) all follow it, and the tests hold the three to equality (<= 1e-6; in fact bit-exact).
+
 Order of operations (GeoChat's ``image_aspect_ratio: pad`` path of LLaVA-1.5):
 
 1. ``open_image``: PIL reads the header only; the pixel count is checked against ``max_pixels`` BEFORE any pixel is
@@ -9,14 +13,20 @@ Order of operations (GeoChat's ``image_aspect_ratio: pad`` path of LLaVA-1.5):
    picture white. Alpha is dropped (what GeoChat's ``Image.open(...).convert("RGB")`` does), palette images go through
    RGBA so PIL honours their transparency entry. No EXIF rotation: GeoChat does not apply one either.
 3. ``pad_to_square``: LLaVA's ``expand2square`` with the CLIP mean colour (122, 116, 104), the original centred.
-4. ``resize`` to ``image_size`` x ``image_size`` with bicubic resampling. CLIP's processor resizes the shortest edge
-   and centre-crops; on a square image that is exactly this plain resize.
-5. ``normalize``: scale to [0, 1], subtract the CLIP mean, divide by the CLIP std; channels first, float32 (by a
-   lookup table of the 256 levels per channel).
+4. ``resize`` to ``image_size`` x ``image_size`` with PIL's bicubic resampling (no centre crop: the image is square).
+5. ``normalize``: ``level / 255`` (computed in float64, then rounded to float32, as transformers' ``rescale``), minus
+   the CLIP mean, divided by the CLIP std, in float32; channels first (by a lookup table of the 256 levels).
 
-Why not ``CLIPImageProcessor`` itself: per image it converts PIL -> numpy -> PIL -> numpy and validates arguments on
-every call; the steps above are the same operations without that overhead (the tests check equality with
-``CLIPImageProcessorPil`` on square images, and the benchmark measures the difference).
+transformers' ``LlavaImageProcessor`` with ``do_pad=True`` (pad colour ``int(mean * 255)``, the same rule as
+``PAD_COLOUR``), ``size = {height, width}``, bicubic, ``do_center_crop=False`` performs exactly these steps on an RGB
+image; ``image_processor`` builds it from the constants below. Two caveats for users of the exported processor:
+- transformers' RGB conversion composites transparency onto white (we drop alpha, as GeoChat) and clips 16-bit
+  images: give it ``to_rgb(image)`` (or ``image.convert("RGB")``) for such files; ordinary RGB photos are identical;
+- with torchvision installed, ``AutoProcessor`` picks transformers' torchvision backend, whose bicubic resize is
+  torch's (another kernel, antialiased) and differs from PIL's by up to a few levels: load with ``backend="pil"``.
+
+Why not the processor itself in the loader: per image it converts PIL -> numpy -> PIL -> numpy and validates
+arguments on every call; the steps above are the same operations without that overhead (the benchmark measures it).
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ from kd_pipeline.data.pixel_limit import pil_pixel_limit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# LLaVA: tuple(int(x * 255) for x in image_processor.image_mean)
+# LLaVA's expand2square and transformers' LlavaImageProcessor(do_pad=True): tuple(int(x * 255) for x in image_mean)
 PAD_COLOUR = tuple(int(channel * 255) for channel in CLIP_MEAN)
+RESAMPLE = Image.Resampling.BICUBIC
+RESCALE_FACTOR = 1 / 255
 
 # The formats the shard contract allows (MPO is how PIL names a camera JPEG with an embedded preview).
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP", "GIF")
@@ -91,9 +103,10 @@ def pad_to_square(image: Image.Image, colour: tuple[int, int, int] = PAD_COLOUR)
     return canvas
 
 
-# (3, 256): the normalised float32 value of every 8-bit level per channel, computed with the same float32
-# operations as (level / 255 - mean) / std; looking values up is about 3x faster than the arithmetic per pixel.
-_LEVELS = np.arange(256, dtype=np.float32)[None, :] * np.float32(1.0 / 255.0)                      # (1, 256)
+# (3, 256): the normalised float32 value of every 8-bit level per channel, computed with transformers' operations
+# (``rescale``: level * (1/255) in float64, rounded to float32; ``normalize``: (x - mean) / std in float32), so the
+# exported processor's pixels are bit-identical; looking values up is about 3x faster than the arithmetic per pixel.
+_LEVELS = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)[None, :]        # (1, 256)
 _NORMALIZED_LEVELS = ((_LEVELS - np.asarray(CLIP_MEAN, dtype=np.float32)[:, None])
                       / np.asarray(CLIP_STD, dtype=np.float32)[:, None])                           # (3, 256)
 
@@ -109,9 +122,23 @@ def normalize(image: Image.Image) -> np.ndarray:
 
 def preprocess_image(image_bytes: bytes, *, image_size: int, max_pixels: int) -> np.ndarray:
     """Encoded image bytes -> (3, image_size, image_size) float32 model input, as GeoChat trains."""
-    image = pad_to_square(to_rgb(open_image(image_bytes, max_pixels=max_pixels)))
-    resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return preprocess_rgb(to_rgb(open_image(image_bytes, max_pixels=max_pixels)), image_size=image_size)
+
+
+def preprocess_rgb(image: Image.Image, *, image_size: int) -> np.ndarray:
+    """An RGB image -> (3, image_size, image_size) float32: pad to square, resize, normalise (steps 3-5)."""
+    resized = pad_to_square(image).resize((image_size, image_size), RESAMPLE)
     return normalize(resized)
+
+
+def image_processor(image_size: int):
+    """transformers' ``LlavaImageProcessor`` (PIL backend) doing steps 3-5 exactly as ``preprocess_rgb`` does."""
+    from transformers import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(
+        do_convert_rgb=True, do_pad=True, do_resize=True, size={"height": image_size, "width": image_size},
+        resample=RESAMPLE, do_center_crop=False, do_rescale=True, rescale_factor=RESCALE_FACTOR, do_normalize=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
 def blank_image(image_size: int) -> np.ndarray:

@@ -12,7 +12,8 @@ One batch, in order:
 3. ``load_pixels``: images as GeoChat trains (``data.images.preprocess_image``: RGB, pad to square with the CLIP
    mean colour, resize, normalise). GeoChat's eval scripts skip the square padding; benchmark images are square,
    where both give the same pixels.
-4. ``model.generate(do_sample=False)``: greedy decoding; a row that emits EOS is finished (later columns are pad).
+4. ``model.generate`` with ``greedy_generation_config``: greedy decoding; a row that emits EOS is finished (later
+   columns are pad).
 5. ``decode_answer``: the new tokens up to the first EOS, special tokens skipped, stripped (GeoChat's
    ``batch_decode(..., skip_special_tokens=True)[0].strip()``).
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlavaConfig
+from transformers import GenerationConfig, LlavaConfig
 
 from kd_pipeline.config import ModelConfig
 from kd_pipeline.data.images import ImageError, preprocess_image
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 PAD_ID = 0  # GeoChat pads with unk (id 0)
 EVAL_TEMPLATE = "llava_v1"
+MAX_NEW_TOKENS = 256
+"""Default answer length limit of ``eval run`` and of an exported model's generation_config.json."""
 
 
 class EvalImageError(UserError, ValueError):
@@ -140,6 +143,14 @@ def load_pixels(image_paths: Sequence[str | Path], image_size: int,
     return torch.stack(images)  # (B, 3, S, S)
 
 
+def greedy_generation_config(tokenizer, max_new_tokens: int = MAX_NEW_TOKENS) -> GenerationConfig:
+    """How ``eval run`` decodes (GeoChat's evaluation): greedy, one beam, stop at EOS, pad with unk. The export
+    writes the same as the model's ``generation_config.json``, so ``model.generate`` defaults to it."""
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=PAD_ID)
+
+
 def decode_answer(new_token_ids: Sequence[int], tokenizer, eos_id: int) -> str:
     """Text of the generated ids up to (not including) the first EOS, special tokens skipped, stripped."""
     ids = list(new_token_ids)
@@ -150,7 +161,7 @@ def decode_answer(new_token_ids: Sequence[int], tokenizer, eos_id: int) -> str:
 
 @torch.inference_mode()
 def generate_answers(eval_model: EvalModel, prompts: Sequence[str], pixel_values: torch.Tensor,
-                     max_new_tokens: int = 256) -> list[str]:
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers to ``prompts`` (one image each, ``pixel_values`` (B, 3, S, S)), in one left-padded batch."""
     if len(prompts) != pixel_values.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but {pixel_values.shape[0]} images")
@@ -160,7 +171,7 @@ def generate_answers(eval_model: EvalModel, prompts: Sequence[str], pixel_values
     input_ids, attention_mask = left_pad(sequences)  # (B, T), (B, T)
     output_ids = eval_model.model.generate(
         input_ids=input_ids.to(eval_model.device), attention_mask=attention_mask.to(eval_model.device),
-        pixel_values=pixel_values.to(eval_model.device, eval_model.dtype), do_sample=False, num_beams=1,
-        max_new_tokens=max_new_tokens, pad_token_id=PAD_ID, eos_token_id=tokenizer.eos_token_id)  # (B, T + N)
+        pixel_values=pixel_values.to(eval_model.device, eval_model.dtype),
+        generation_config=greedy_generation_config(tokenizer, max_new_tokens))  # (B, T + N)
     new_ids = output_ids[:, input_ids.shape[1]:].tolist()  # (B, N): generate returns prompt + new tokens
     return [decode_answer(row, tokenizer, tokenizer.eos_token_id) for row in new_ids]

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from kd_pipeline.errors import UserError, report_user_error
 from kd_pipeline.eval.captioning import score_region_captioning
-from kd_pipeline.eval.generate import (encode_question, free_eval_model, generate_answers, left_pad,
+from kd_pipeline.eval.generate import (MAX_NEW_TOKENS, encode_question, free_eval_model, generate_answers, left_pad,
                                        load_eval_model, load_pixels, select_device)
 from kd_pipeline.eval.images import image_size_lookup
 from kd_pipeline.eval.records import read_jsonl
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="normalized evaluation sets (data_prep bench --out)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (answers/, results.json, report.md)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="greedy decoding length limit (default 256)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                        help=f"greedy decoding length limit (default {MAX_NEW_TOKENS})")
     parser.add_argument("--limit", type=int, help="only the first N questions of each task (smoke runs)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CUDA + bf16 when available, else CPU + fp32")

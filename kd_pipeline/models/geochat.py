@@ -7,7 +7,8 @@ Vocabulary rows. GeoChat's LLM has the 32000 rows of LLaMA's SentencePiece vocab
 placeholder id (-200) that never reaches the embedding table. transformers' LLaVA instead looks the image token up
 in the table before scattering the image features over it, so the token needs a real row. We follow the kd_pipeline
 tokenizer (``<image>`` appended after the SentencePiece vocabulary) and LLaVA-HF's converter: **32001 rows, <image>
-at id 32000**, no padding to a multiple of 64 (LLaVA-HF's 32064 only adds unused rows). ``count_parameters``
+at id 32000**, no padding to a multiple of 64 (LLaVA-HF's 32064 only adds unused rows; such a padded checkpoint
+loads too, <image> then sits at the first row without a token: ``kd_pipeline.convert``). ``count_parameters``
 reports that one row pair separately, which is why the paper's Table 8 counts (32000 rows) come out exactly.
 
 Order of the common steps (``prepare_model``): feature selection -> freeze the tower -> projector trainability ->
@@ -129,7 +130,8 @@ def load_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, de
                vocab_size: int | None = None, image_token_id: int | None = None, frozen: bool = False) -> nn.Module:
     """Load ``model_cfg.path`` (a transformers LLaVA directory) offline and prepare it for training.
 
-    ``vocab_size`` / ``image_token_id``, when given (from the tokenizer), must agree with the checkpoint. A tower
+    ``vocab_size`` / ``image_token_id``, when given (from the tokenizer), must agree with the checkpoint (more rows
+than tokens is a padded vocabulary, e.g. LLaVA-HF's 32064: accepted, the extra rows are never fed). A tower
     stored at another resolution gets GeoChat's position-table interpolation to ``model_cfg.image_size``.
     """
     path = Path(model_cfg.path)
@@ -142,9 +144,12 @@ def load_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, de
     if device is not None:
         model = model.to(device)
     rows = model.get_input_embeddings().num_embeddings  # not weight.shape: 0 under ZeRO-3 partitioning
-    if vocab_size is not None and vocab_size != rows:
+    if vocab_size is not None and vocab_size > rows:
         raise ModelError(f"{path} has {rows} embedding rows but the tokenizer has {vocab_size} tokens: "
                          "use the tokenizer saved with this checkpoint")
+    if vocab_size is not None and vocab_size < rows:
+        log.info("%s: %d embedding rows for %d tokens: the %d rows after the tokenizer's are padding (no token "
+                 "reaches them)", path, rows, vocab_size, rows - vocab_size)
     if image_token_id is not None and image_token_id != model.config.image_token_id:
         raise ModelError(f"{path} uses image token id {model.config.image_token_id} but the tokenizer's <image> is "
                          f"{image_token_id}: use the tokenizer saved with this checkpoint")
