@@ -18,7 +18,8 @@ Checks, cheapest first; the first problem raises a ``UserError`` subclass whose 
    teacher folder that carries its own tokenizer has the same vocabulary and a student folder has no padding rows
    beyond it (KD compares distributions id by id; a padded teacher is fine, its extra rows are dropped);
 6. stage 2: ``run.init_from`` is a complete checkpoint, unless the run resumes from a checkpoint;
-7. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes).
+7. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes);
+8. the loader states of the checkpoint to resume fit this run's shards and ``run.seed``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def check_run(config: Config) -> None:
     if config.run.stage == "minillm":
         check_init_from(config)
     check_resume_path(config)
+    check_resume_loader_states(config)
 
 
 def check_stage2_batches(config: Config) -> None:
@@ -133,23 +135,58 @@ def check_shards(config: Config) -> None:
         check_split("data.pt_shards", config.data.pt_shards, "pt")
 
 
-def _resumes_own_checkpoint(config: Config) -> bool:
-    """Whether the run will continue from a checkpoint (its own, or an explicit one) instead of starting fresh."""
+def _resume_candidate(config: Config) -> Path | None:
+    """The checkpoint this run will most likely continue from, found cheaply (markers, no checksums): an explicit
+    ``checkpoint.resume``, else the ``latest`` (or newest complete) one in ``run.output_dir``. Rank 0 makes the
+    binding choice, with checksums and fallbacks, once the run starts (``recipes.common.prepare_resume``)."""
     from kd_pipeline.checkpoint import complete_tags
 
     if config.checkpoint.resume == "none":
-        return False
+        return None
     if config.checkpoint.resume != "auto":
-        return True
-    return bool(complete_tags(Path(config.run.output_dir) / "checkpoints"))
+        return Path(config.checkpoint.resume)
+    checkpoint_dir = Path(config.run.output_dir) / "checkpoints"
+    tags = complete_tags(checkpoint_dir)
+    latest = checkpoint_dir / "latest"
+    if latest.is_file() and latest.read_text().strip() in tags:
+        return checkpoint_dir / latest.read_text().strip()
+    return checkpoint_dir / tags[0] if tags else None
 
 
 def check_init_from(config: Config) -> None:
     """Stage 2 starts from ``run.init_from`` only on a fresh start; a resumed run does not read it."""
     from kd_pipeline.checkpoint import resolve_init_from
 
-    if config.run.init_from and not _resumes_own_checkpoint(config):
+    if config.run.init_from and _resume_candidate(config) is None:
         resolve_init_from(config.run.init_from)
+
+
+def check_resume_loader_states(config: Config) -> None:
+    """The loader states saved in the checkpoint to resume must fit this run's shards and seed: a resume against
+    other data or another seed cannot replay the stream (``data.state``). Only that mismatch is refused here; a
+    damaged state file is left to the resume itself, which falls back to an earlier checkpoint."""
+    from kd_pipeline.data.manifest import read_split
+    from kd_pipeline.data.state import LoaderStateError, load_loader_state
+
+    folder = _resume_candidate(config)
+    if folder is None or not folder.is_dir():
+        return
+    if config.run.stage == "minillm":
+        loaders = {"prompt": (config.data.shards, "train"), "pt": (config.data.pt_shards, "pt")}
+    else:
+        loaders = {"train": (config.data.shards, "train")}
+    for name, (shards, split) in loaders.items():
+        try:
+            state = load_loader_state(folder, name)
+        except LoaderStateError:
+            continue
+        if state is None:
+            continue
+        try:
+            state.check_compatible(loader=name, split=split, fingerprint=read_split(shards, split).fingerprint,
+                                   seed=config.run.seed)
+        except LoaderStateError as error:
+            raise LoaderStateError(f"resuming {folder} ({name} loader): {error}") from error
 
 
 def check_resume_path(config: Config) -> None:

@@ -219,6 +219,7 @@ def test_load_student_weights_is_strict():
 DEMO_SIZES = {"camera.jpg": (4592, 3072), "church.png": (600, 600), "scene.png": (800, 800), "small.png": (389, 389),
               "strip.png": (389, 250)}
 QUESTION = "Classify the image.\nAnswer the question using a single word or phrase."
+NEW_TOKENS = 40
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:
@@ -315,8 +316,10 @@ def test_exported_processor_reproduces_the_training_loader_and_the_prompts(expor
 
 
 def test_generate_on_the_export_reproduces_eval_run_token_for_token(exported, demo_images, tmp_path, monkeypatch):
-    """``model.generate`` with the export's processor and generation_config.json (no arguments) gives the answers
-    ``eval run`` writes, and the same token ids (captured inside eval run), on the demo photo sizes."""
+    """``model.generate`` with the export's processor and generation_config.json gives the answers ``eval run``
+    writes, and the same token ids (captured inside eval run), on the demo photo sizes. Both sides cap answers at
+    ``NEW_TOKENS`` (the barely trained model never stops by itself; 256 tokens would only cost time); the export's
+    own default is asserted to be eval run's."""
     from transformers import LlavaForConditionalGeneration
 
     from kd_pipeline.eval import generate as eval_generate
@@ -338,7 +341,8 @@ def test_generate_on_the_export_reproduces_eval_run_token_for_token(exported, de
 
     monkeypatch.setattr(eval_generate, "decode_answer", recording_decode)
     assert eval_run(["--model", f"student={exported}", "--tasks", "aid", "--data", str(data), "--out",
-                     str(tmp_path / "eval"), "--device", "cpu", "--no-latency", "--no-meteor"]) == 0
+                     str(tmp_path / "eval"), "--device", "cpu", "--no-latency", "--no-meteor",
+                     "--max-new-tokens", str(NEW_TOKENS)]) == 0
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers" / "student" / "aid.jsonl").read_text()
                .splitlines()]
     assert [answer["question_id"] for answer in answers] == [question["question_id"] for question in questions]
@@ -350,7 +354,7 @@ def test_generate_on_the_export_reproduces_eval_run_token_for_token(exported, de
     model = LlavaForConditionalGeneration.from_pretrained(str(exported)).eval()
     settings = model.generation_config
     assert (settings.do_sample, settings.num_beams, settings.eos_token_id, settings.pad_token_id,
-            settings.max_new_tokens) == (False, 1, 2, 0, 256)
+            settings.max_new_tokens) == (False, 1, 2, 0, eval_generate.MAX_NEW_TOKENS)
     for question, answer, eval_ids in zip(questions, answers, captured, strict=True):
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question["prompt"]}]}],
@@ -358,7 +362,7 @@ def test_generate_on_the_export_reproduces_eval_run_token_for_token(exported, de
         image = Image.open(data / "images" / question["image"]).convert("RGB")
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         with torch.no_grad():
-            output = model.generate(**inputs)
+            output = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
         new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
         assert up_to_eos(new_ids) == up_to_eos(eval_ids) and new_ids, question["image"]
         text = processor.tokenizer.decode([i for i in up_to_eos(new_ids) if i != 2], skip_special_tokens=True)

@@ -11,8 +11,9 @@ Runbook::
     torchrun --nproc-per-node 8 -m kd_pipeline.eval run --model runs/kd/best_hf --data /data/eval --out runs/eval
 
 Input: ``--data DIR`` holds ``<task>.jsonl`` (question_id, image, prompt, ground_truth, type, ...) and ``images/``
-as ``data_prep bench`` writes them. Every requested task file must exist: a missing one is an error (exit 2)
-before any model is loaded, so a typo cannot cost hours of generation; leave the task out of ``--tasks`` instead.
+as ``data_prep bench`` writes them. Every requested task file, and every image its questions name, must exist: a
+missing one is an error (exit 2) before any model is loaded, so a typo cannot cost hours of generation; leave the
+task out of ``--tasks`` instead.
 
 Output in ``--out``:
 - ``answers/<model>/<task>.jsonl``: GeoChat's answer records (question_id, image_id, answer, ground_truth, plus
@@ -157,7 +158,14 @@ def load_questions(data_dir: Path, task: str, limit: int | None) -> list[dict[st
             raise RunInputError(f"{path}: question_id {question['question_id']!r} appears twice (answers are "
                                 "resumed by question_id); re-create the set with data_prep bench")
         seen.add(str(question["question_id"]))
-    return questions[:limit] if limit is not None else questions
+    questions = questions[:limit] if limit is not None else questions
+    missing_images = [question for question in questions if not (data_dir / "images" / question["image"]).is_file()]
+    if missing_images:  # found before any model loads; a file that exists but cannot be decoded shows up later
+        first = missing_images[0]
+        raise RunInputError(f"{path}: {len(missing_images)} questions name images missing from {data_dir / 'images'}, "
+                            f"e.g. question {first['question_id']!r}: {first['image']}; re-create the set with "
+                            f"data_prep bench or restore the images")
+    return questions
 
 
 # ----------------------------------------------------------------------------------------------------- answer files
