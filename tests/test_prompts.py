@@ -1,8 +1,10 @@
 """Golden prompt strings (from GeoChat's conversation.py, separator style TWO) and preprocess_v1 label masks."""
 
+import pytest
 import sentencepiece as spm
+from transformers.utils.chat_template_utils import render_jinja_template
 
-from kd_pipeline.prompts import (IGNORE_INDEX, encode_conversation, render, render_eval_prompt,
+from kd_pipeline.prompts import (IGNORE_INDEX, chat_template, encode_conversation, render, render_eval_prompt,
                                  tokenize_with_image)
 from kd_pipeline.tokenizer import image_token_id
 
@@ -120,3 +122,36 @@ def test_tokenize_with_image_single_placeholder(tokenizer):
     image_id = image_token_id(tokenizer)
     ids = tokenize_with_image("USER: <image>\nHi ASSISTANT:", tokenizer, image_id)
     assert ids[0] == 1 and ids.count(image_id) == 1 and ids.count(1) == 1
+
+
+def apply_template(messages: list[dict], template: str, *, add_generation_prompt: bool = False) -> str:
+    """transformers' own Jinja rendering (what ``apply_chat_template`` runs) of ``chat_template(template)``."""
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template(template),
+                                        add_generation_prompt=add_generation_prompt)
+    return rendered[0]
+
+
+def test_chat_templates_render_the_golden_prompts():
+    """The exported chat templates give the golden strings above, for image items and for string contents."""
+    as_items = [{"role": "user", "content": [{"type": "text", "text": "What is in the picture?"}, {"type": "image"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red ship near the harbour."}]},
+                {"role": "user", "content": "[refer] Give me the location of <p> the plane </p>"},
+                {"role": "assistant", "content": "{<10><20><30><40>|<45>}"}]
+    as_strings = [{"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"]}
+                  for turn in CONVERSATION]
+    for messages in (as_items, as_strings):
+        assert apply_template(messages, "vicuna_v1") == render(CONVERSATION, "vicuna_v1")
+        assert apply_template(messages[:3], "llava_v1", add_generation_prompt=True) == (
+            LLAVA + " USER: <image>\nWhat is in the picture? ASSISTANT: A red ship near the harbour.</s>"
+            "USER: [refer] Give me the location of <p> the plane </p> ASSISTANT:")
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Classify."}]}]
+    assert apply_template(question, "llava_v1", add_generation_prompt=True) == render_eval_prompt("Classify.")
+    system = [{"role": "system", "content": "Be brief."}, *question]
+    assert apply_template(system, "llava_v1", add_generation_prompt=True) == "Be brief. USER: <image>\nClassify. ASSISTANT:"
+
+
+def test_chat_template_refuses_a_second_image():
+    later_image = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    with pytest.raises(Exception, match="one image, in the first user turn"):
+        apply_template(later_image, "llava_v1")

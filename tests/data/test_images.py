@@ -47,6 +47,23 @@ def test_non_square_is_padded_with_clip_mean_then_resized_like_the_processor():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("width, height", [(389, 389), (600, 600), (389, 250), (37, 61), (1200, 800)])
+def test_preprocessing_equals_llava_image_processor_with_do_pad_bit_for_bit(width, height):
+    """transformers' LlavaImageProcessor configured here by hand (pad to square with the mean, bicubic resize to
+    the tower's size, no crop) gives exactly the loader's pixels; ``images.image_processor`` is that processor."""
+    from transformers import LlavaImageProcessorPil
+
+    image = random_rgb(width, height, seed=width + height)
+    reference = LlavaImageProcessorPil(do_pad=True, do_center_crop=False, size={"height": 56, "width": 56},
+                                       resample=Image.Resampling.BICUBIC, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                       image_std=[0.26862954, 0.26130258, 0.27577711])
+    expected = reference(images=image, return_tensors="np")["pixel_values"][0]   # (3, 56, 56)
+    ours = images.preprocess_image(encode(image), image_size=56, max_pixels=10**7)
+    np.testing.assert_array_equal(ours, expected)
+    exported = images.image_processor(56)(images=image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_array_equal(exported, expected)
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     values = np.array([[0, 257, 1000], [32768, 65000, 65535]], dtype=np.uint16)
     image = Image.fromarray(values)
