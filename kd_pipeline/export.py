@@ -22,8 +22,8 @@ when asked (in float32, then cast) -> write.
 
     processor = AutoProcessor.from_pretrained("export/student_hf")
     model = LlavaForConditionalGeneration.from_pretrained("export/student_hf")
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": "Classify the image."}]}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Classify the image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     answer_ids = model.generate(**processor(images=image.convert("RGB"), text=prompt, return_tensors="pt"))
 
     config.json                            the LLaVA model config

@@ -54,7 +54,8 @@ def check_stage2_batches(config: Config) -> None:
                           f"train.micro_batch_size={micro_batch}")
     if (micro_per_round * settings.ppo_epochs) % config.train.grad_accum:
         raise ConfigError(f"a round has {micro_per_round * settings.ppo_epochs} micro-batches (rollouts_per_rank / "
-                          f"micro_batch_size x ppo_epochs), not a multiple of train.grad_accum={config.train.grad_accum}")
+                          f"micro_batch_size x ppo_epochs), not a multiple of "
+                          f"train.grad_accum={config.train.grad_accum}")
 
 
 def check_deepspeed_json(config: Config) -> None:

@@ -12,9 +12,9 @@ Runbook (the same entry point under every launcher):
 
 Exit codes: 0 finished; 75 stopped early on a signal, the job's end time or ``run.stop_at_step``, after saving
 (resume me: run the same command again); 2 bad configuration or input (one line on stderr naming the key or file;
-``kd_pipeline.preflight`` checks everything it can before any model is built); anything else is a crash. torchrun reports any non-zero worker exit as its own exit code 1, so rank 0 also writes
-``{run.output_dir}/run_status.json`` (``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for
-launchers to read.
+``kd_pipeline.preflight`` checks everything it can before any model is built); anything else is a crash. torchrun
+reports any non-zero worker exit as its own exit code 1, so rank 0 also writes ``{run.output_dir}/run_status.json``
+(``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for launchers to read.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def test_preprocessing_equals_llava_image_processor_with_do_pad_bit_for_bit(widt
 
     image = random_rgb(width, height, seed=width + height)
     reference = LlavaImageProcessorPil(do_pad=True, do_center_crop=False, size={"height": 56, "width": 56},
-                                       resample=Image.Resampling.BICUBIC, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                       resample=Image.Resampling.BICUBIC,
+                                       image_mean=[0.48145466, 0.4578275, 0.40821073],
                                        image_std=[0.26862954, 0.26130258, 0.27577711])
     expected = reference(images=image, return_tensors="np")["pixel_values"][0]   # (3, 56, 56)
     ours = images.preprocess_image(encode(image), image_size=56, max_pixels=10**7)
