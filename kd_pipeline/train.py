@@ -32,13 +32,16 @@ log = logging.getLogger("kd_pipeline.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    arguments = sys.argv[1:] if argv is None else argv
+    # The config reference (every key's docstring, read from the source) only for --help: it costs 0.1 s per start.
+    asks_help = any(argument in ("-h", "--help") for argument in arguments)
     parser = argparse.ArgumentParser(
         prog="python -m kd_pipeline.train", description="Distil a GeoChat teacher into a student (or fine-tune one).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text())
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text() if asks_help else None)
     parser.add_argument("--config", help="run YAML (see configs/); omitted keys keep their defaults")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse_args(arguments)
 
 
 def _write_status(config, exit_code: int) -> None:
