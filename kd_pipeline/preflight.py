@@ -6,20 +6,19 @@ rank runs it (the checks only read small files, and a rank on a node that lacks 
 hangs while the others wait for it).
 
 Checks, cheapest first; the first problem raises a ``UserError`` subclass whose message names the key and the fix
-(train.py turns it into one line on stderr and exit 2):
+(train.py turns it into one line on stderr and exit 2). What needs only the config itself (stage-2 batch
+arithmetic, choices, ranges) was checked when ``load_config`` built the frozen ``Config``.
 
-1. stage-2 batch arithmetic: ``minillm.rollouts_per_rank`` is a multiple of ``train.micro_batch_size``, and a
-   round's micro-batches (rollouts / micro-batch x ``minillm.ppo_epochs``) a multiple of ``train.grad_accum``;
-2. instruction shards (``data.shards``): the manifest and the train split; the val split too unless
+1. instruction shards (``data.shards``): the manifest and the train split; the val split too unless
    ``train.eval_every=0`` (no validation at all); stage 2 also the pre-training shards ``data.pt_shards``;
-3. ``deepspeed.config`` exists and is JSON (the rest of it is resolved against the runtime when engines are built);
-4. model folders: ``student.path`` (and ``teacher.path`` unless ``run.stage=sft``) hold a ``config.json``;
-5. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids; for distillation, a
+2. ``deepspeed.config`` exists and is JSON (the rest of it is resolved against the runtime when engines are built);
+3. model folders: ``student.path`` (and ``teacher.path`` unless ``run.stage=sft``) hold a ``config.json``;
+4. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids; for distillation, a
    teacher folder that carries its own tokenizer has the same vocabulary and a student folder has no padding rows
    beyond it (KD compares distributions id by id; a padded teacher is fine, its extra rows are dropped);
-6. stage 2: ``run.init_from`` is a complete checkpoint, unless the run resumes from a checkpoint;
-7. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes);
-8. the loader states of the checkpoint to resume fit this run's shards and ``run.seed``.
+5. stage 2: ``run.init_from`` is a complete checkpoint, unless the run resumes from a checkpoint;
+6. an explicit ``checkpoint.resume`` path exists (its contents are verified by rank 0 when the run resumes);
+7. the loader states of the checkpoint to resume fit this run's shards and ``run.seed``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from kd_pipeline.config import Config, ConfigError
 
 def check_run(config: Config) -> None:
     """Run every check of the module docstring, in order; raises the first problem found."""
-    check_stage2_batches(config)
     check_shards(config)
     check_deepspeed_json(config)
     check_model_folders(config)
@@ -41,21 +39,6 @@ def check_run(config: Config) -> None:
         check_init_from(config)
     check_resume_path(config)
     check_resume_loader_states(config)
-
-
-def check_stage2_batches(config: Config) -> None:
-    """A round must split into whole micro-batches and whole optimizer steps (stage 2 only)."""
-    if config.run.stage != "minillm":
-        return
-    settings, micro_batch = config.minillm, config.train.micro_batch_size
-    micro_per_round = settings.rollouts_per_rank // micro_batch
-    if micro_per_round < 1 or settings.rollouts_per_rank % micro_batch:
-        raise ConfigError(f"minillm.rollouts_per_rank={settings.rollouts_per_rank} must be a multiple of "
-                          f"train.micro_batch_size={micro_batch}")
-    if (micro_per_round * settings.ppo_epochs) % config.train.grad_accum:
-        raise ConfigError(f"a round has {micro_per_round * settings.ppo_epochs} micro-batches (rollouts_per_rank / "
-                          f"micro_batch_size x ppo_epochs), not a multiple of "
-                          f"train.grad_accum={config.train.grad_accum}")
 
 
 def check_deepspeed_json(config: Config) -> None:
