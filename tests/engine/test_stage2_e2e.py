@@ -80,9 +80,10 @@ def test_init_from_loads_the_stage1_weights(synth_data, stage1_run, tmp_path):
 # MiniLLM's ratios at micro scale: 4 x 8 x 2 ranks = 64 sequences per optimizer step, 4 PPO epochs, warm-up. A round
 # is 12 rollouts / 4 = 3 micro-batches x 4 epochs = 12 micro-batches and a step 8: step 1 ends mid-round, step 2
 # spans the end of round 0 and the start of round 1 (the next buffer is collected between two of its micro-batches).
+# Validation at the last step only (train.eval_every=0 would turn it off entirely).
 MINILLM_RATIOS = ["train.max_steps=3", "train.micro_batch_size=4", "train.grad_accum=8", "train.lr=1e-4",
                   "train.warmup_steps=2", "minillm.rollouts_per_rank=12", "minillm.ppo_epochs=4",
-                  "minillm.max_new_tokens=12", "train.eval_every=0", "checkpoint.every_steps=1"]
+                  "minillm.max_new_tokens=12", "train.eval_every=3", "checkpoint.every_steps=1"]
 
 
 def test_steps_spanning_rounds_at_minillm_ratios_resume_exactly(synth_data, stage1_run, tmp_path):
