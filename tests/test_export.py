@@ -257,7 +257,8 @@ def load_processor(folder: Path):
 
 
 def conversation(question: str) -> list[dict]:
-    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "A red ship near the harbour."},
+    return [{"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": "A red ship near the harbour."},
             {"from": "human", "value": "Is there a plane?"}, {"from": "gpt", "value": "no"}]
 
 
@@ -266,7 +267,9 @@ def as_messages(turns: list[dict]) -> list[dict]:
     messages = []
     for index, turn in enumerate(turns):
         text = turn["value"].replace("<image>\n", "")
-        content = [{"type": "image"}, {"type": "text", "text": text}] if index == 0 else [{"type": "text", "text": text}]
+        content = [{"type": "text", "text": text}]
+        if index == 0:
+            content.insert(0, {"type": "image"})
         messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
     return messages
 

@@ -147,7 +147,8 @@ def test_chat_templates_render_the_golden_prompts():
     question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Classify."}]}]
     assert apply_template(question, "llava_v1", add_generation_prompt=True) == render_eval_prompt("Classify.")
     system = [{"role": "system", "content": "Be brief."}, *question]
-    assert apply_template(system, "llava_v1", add_generation_prompt=True) == "Be brief. USER: <image>\nClassify. ASSISTANT:"
+    assert apply_template(system, "llava_v1", add_generation_prompt=True) == (
+        "Be brief. USER: <image>\nClassify. ASSISTANT:")
 
 
 def test_chat_template_refuses_a_second_image():
