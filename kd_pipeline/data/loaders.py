@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 from collections.abc import Iterator
 
 import torch
 
+from kd_pipeline.config import ConfigError
 from kd_pipeline.data import pipeline
 from kd_pipeline.data.collate import collate_left_padded, padding_batch, training_collate
 from kd_pipeline.data.manifest import SplitShards, read_split
@@ -36,6 +38,17 @@ from kd_pipeline.data.state import LoaderState, RankState, WorkerPosition
 from kd_pipeline.tokenizer import image_token_id
 
 log = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 256
+"""Text tokens of a stage-2 rollout prompt at most (MiniLLM's max_prompt_length); longer prompts are skipped."""
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore USR1 and TERM: Slurm signals every process of a step, and the stop decision (and
+    the checkpoint) belongs to the rank; a worker killed by the signal would crash the rank instead. A worker whose
+    rank is gone still ends: torch's workers watch their parent."""
+    for stop_signal in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _add_stats(total: dict, delta: dict) -> None:
@@ -62,7 +75,13 @@ class TrainLoader:
         self.num_workers = num_workers                  # DataLoader processes (0: in the main process)
         self.logical_workers = max(1, num_workers)      # streams per rank
         self.micro_batch_size, self.shuffle_buffer, self.pin_memory = micro_batch_size, shuffle_buffer, pin_memory
-        self.full_batches_per_worker = pipeline.batches_per_worker(split.shards, world_size, self.logical_workers,
+        check_readers(split, world_size, self.logical_workers)
+        self.units = pipeline.reader_shards(split.shards, world_size * self.logical_workers)
+        if len(self.units) > len(split.shards):
+            log.info("loader %s: %d %s shard(s) for %d ranks x %d workers: each tar is shared by %d readers at the "
+                     "sample level", loader, len(split.shards), split.split, world_size, self.logical_workers,
+                     self.units[0].parts)
+        self.full_batches_per_worker = pipeline.batches_per_worker(self.units, world_size, self.logical_workers,
                                                                    micro_batch_size)
         self._state = self._initial_state(state)
         self._plan = self._make_plan()
@@ -133,7 +152,7 @@ class TrainLoader:
         return self._fresh_state(state.epoch, previous=state)
 
     def _make_plan(self) -> pipeline.EpochPlan:
-        order = pipeline.epoch_shard_order(self.split.shards, self.seed, self.epoch)
+        order = pipeline.epoch_shard_order(self.units, self.seed, self.epoch)
         shards = tuple(tuple(pipeline.worker_shards(order, self.rank, self.world_size, worker, self.logical_workers))
                        for worker in range(self.logical_workers))
         excluded, batches = frozenset(), self.full_batches_per_worker
@@ -145,13 +164,13 @@ class TrainLoader:
 
     def _remainder(self, order: list) -> tuple[frozenset[str], int]:
         """Keys consumed under the earlier layout(s) of this epoch, and the batches per worker left to run."""
-        keys_of = {shard.name: pipeline.read_shard_keys(shard) for shard in self.split.shards}
-        excluded = consumed_keys(self._state.previous, self.split, keys_of)
+        tar_keys = {shard.name: pipeline.read_shard_keys(shard) for shard in self.split.shards}
+        excluded = consumed_keys(self._state.previous, self.split, tar_keys)
         largest = 0
         for rank in range(self.world_size):  # every rank computes every rank's share, so all agree on the count
             for worker in range(self.logical_workers):
                 share = pipeline.worker_shards(order, rank, self.world_size, worker, self.logical_workers)
-                left = sum(1 for shard in share for key in keys_of[shard.name] if key not in excluded)
+                left = sum(1 for unit in share for key in unit_keys(unit, tar_keys) if key not in excluded)
                 largest = max(largest, left)
         log.info("loader %s: %d samples of epoch %d already consumed; %d batches per worker finish it",
                  self.loader, len(excluded), self.epoch, math.ceil(largest / self.micro_batch_size))
@@ -161,7 +180,8 @@ class TrainLoader:
         dataset = pipeline.EpochDataset(self._plan, self.encoder, self.collate, seed=self.seed, rank=self.rank,
                                         shuffle_buffer=self.shuffle_buffer, micro_batch_size=self.micro_batch_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory, persistent_workers=False)
+                                             pin_memory=self.pin_memory, persistent_workers=False,
+                                             worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self._advance(batch.pop("_position"))
             yield batch
@@ -178,11 +198,21 @@ class TrainLoader:
         _add_stats(state.stats, position["stats"])
 
 
-def consumed_keys(state: LoaderState, split: SplitShards, keys_of: dict[str, list[str]]) -> frozenset[str]:
-    """Every key the workers of ``state`` (and of its own earlier layouts in the epoch) had taken, by replay."""
-    excluded = consumed_keys(state.previous, split, keys_of) if state.previous is not None else frozenset()
+def unit_keys(unit, tar_keys: dict[str, list[str]]) -> list[str]:
+    """The keys of a reader unit (a whole shard or a part of one) from its tar's keys in tar order."""
+    tar_name = unit.name.split("[", 1)[0]
+    return tar_keys[tar_name][unit.part::unit.parts]
+
+
+def consumed_keys(state: LoaderState, split: SplitShards, tar_keys: dict[str, list[str]]) -> frozenset[str]:
+    """Every key the workers of ``state`` (and of its own earlier layouts in the epoch) had taken, by replay.
+
+    The saved layout's own reader units are rebuilt (a layout with more readers may have shared the shards)."""
+    excluded = consumed_keys(state.previous, split, tar_keys) if state.previous is not None else frozenset()
     saved = state.first
-    order = pipeline.epoch_shard_order(split.shards, saved.seed, saved.epoch)
+    units = pipeline.reader_shards(split.shards, saved.world_size * saved.num_workers)
+    keys_of = {unit.name: unit_keys(unit, tar_keys) for unit in units}
+    order = pipeline.epoch_shard_order(units, saved.seed, saved.epoch)
     consumed = set(excluded)
     for rank_state in state.ranks:
         for worker, position in enumerate(rank_state.workers):
@@ -191,6 +221,31 @@ def consumed_keys(state: LoaderState, split: SplitShards, keys_of: dict[str, lis
                                                  epoch=saved.epoch, rank=rank_state.rank, worker=worker,
                                                  shuffle_buffer=saved.shuffle_buffer, excluded=excluded))
     return frozenset(consumed)
+
+
+def check_readers(split: SplitShards, world_size: int, num_workers: int) -> None:
+    """Refuse a split that cannot give every one of ``world_size x num_workers`` readers a sample.
+
+    Shards are shared at the sample level when there are fewer than readers, so only a split with too few samples
+    (a shard smaller than the readers sharing it, or an empty shard) is refused."""
+    readers = world_size * max(1, num_workers)
+    parts = pipeline.parts_per_shard(len(split.shards), readers)
+    for shard in split.shards:
+        if shard.samples < parts or shard.samples == 0:
+            shared = f", shared by {parts} readers ({world_size} ranks x {max(1, num_workers)} data.num_workers)"
+            raise ConfigError(
+                f"{split.split} shard {shard.name} of {split.folder} has {shard.samples} samples"
+                f"{shared if parts > 1 else ''}: every reader needs at least one; lower data.num_workers or "
+                f"rerun data_prep with fewer, larger shards (--max-shard-samples, --max-shard-mb)")
+
+
+def check_loader_readers(config, world_size: int) -> None:
+    """Before any model is built: every training split the run's stage reads can feed its readers."""
+    splits = [(config.data.shards, "train")]
+    if config.run.stage == "minillm" and config.data.pt_shards:
+        splits.append((config.data.pt_shards, "pt"))
+    for folder, split in splits:
+        check_readers(read_split(folder, split), world_size, config.data.num_workers)
 
 
 # ----------------------------------------------------------------------------------------------------- builders
@@ -228,7 +283,7 @@ def build_pt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: i
 
 
 def build_prompt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: int, micro_batch_size: int,
-                        rank: int, world_size: int, seed: int, max_prompt_length: int = 256, split: str = "train",
+                        rank: int, world_size: int, seed: int, max_prompt_length: int = MAX_PROMPT_TOKENS, split: str = "train",
                         state: LoaderState | None = None, pin_memory: bool = False) -> TrainLoader:
     """Stage-2 rollout prompts (left-padded, no labels); prompts over ``max_prompt_length`` text tokens are skipped."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, max_prompt_length)
@@ -298,7 +353,8 @@ class EvalLoader:
         dataset = _EvalDataset(self.split, self.encoder, self.collate, rank=self.rank, world_size=self.world_size,
                                micro_batch_size=self.micro_batch_size, max_batches=self.num_batches)
         produced = 0
-        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers):
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 worker_init_fn=ignore_stop_signals):
             if "_stats" in batch:
                 self.stats = batch["_stats"]
                 continue
@@ -323,7 +379,7 @@ def build_eval_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens:
 
 def build_eval_prompt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: int, micro_batch_size: int,
                              rank: int, world_size: int, split: str = "val", max_batches: int = 0,
-                             max_prompt_length: int = 256) -> EvalLoader:
+                             max_prompt_length: int = MAX_PROMPT_TOKENS) -> EvalLoader:
     """Held-out rollout prompts (left-padded), exactly once across ranks and the same ones every time: stage 2's
     validation. Padding batches (``is_padding``) keep every rank's generation count equal."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, max_prompt_length)

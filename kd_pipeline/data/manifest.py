@@ -28,10 +28,12 @@ class ManifestError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ShardInfo:
-    name: str       # e.g. "train-000003.tar"
+    name: str       # e.g. "train-000003.tar"; a part of a shared shard: "train-000003.tar[1/4]"
     path: str       # absolute path of the tar
-    samples: int    # samples the manifest says the tar holds
+    samples: int    # samples the manifest says the tar holds (a part: the samples of that part)
     sha256: str
+    part: int = 0   # a shard shared by `parts` readers: this reader's samples are those whose index in the tar
+    parts: int = 1  # satisfies index % parts == part (see data/pipeline.py, reader_shards)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,14 @@ Stages, in order (open_clip's layout, with positions made explicit so a stream c
    whenever workers are re-created).
 2. ``worker_shards``: shard-level split by node, then by worker (``order[rank::world][worker::workers]``, what
    webdataset's ``split_by_node``/``split_by_worker`` do; written out because those read the rank from the
-   environment, while here rank and world size are explicit arguments).
+   environment, while here rank and world size are explicit arguments). A split with fewer shards than readers
+   (ranks x workers) is first cut into parts by ``reader_shards``: each tar becomes ``k`` parts, part ``p`` holding
+   the samples whose index in the tar is ``p`` mod ``k``, with ``k = readers / gcd(shards, readers)`` so that the
+   parts divide evenly over the readers. Parts are then dealt like shards: disjoint, deterministic, and replayable
+   from tar headers like whole shards. Each reader of a shared tar reads all of its bytes and decodes only its
+   own samples (a tar shared by k readers is read k times per epoch; the page cache usually serves all but one).
 3. ``read_shard_samples``: tar members grouped into samples by webdataset's ``tar_file_iterator`` and
-   ``group_by_keys`` (raw bytes; nothing decoded).
+   ``group_by_keys`` (raw bytes; nothing decoded); for a part, only its own samples.
 4. ``worker_stream``: per pass over the worker's shards, a shuffle buffer (webdataset's ``shuffle``) seeded by
    ``(seed, epoch, rank, worker, pass)``. Its order depends only on the number of samples, never on their
    content, so ``read_shard_keys`` (tar headers only) replays the very same order without reading any data.
@@ -28,6 +33,7 @@ samples covering the split exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -66,13 +72,33 @@ def worker_shards(order: list[ShardInfo], rank: int, world_size: int, worker: in
     return order[rank::world_size][worker::num_workers]
 
 
+def parts_per_shard(shard_count: int, readers: int) -> int:
+    """How many parts each tar is cut into so that ``readers`` readers all get some: 1 when there are enough."""
+    if shard_count >= readers:
+        return 1
+    return readers // math.gcd(shard_count, readers)
+
+
+def reader_shards(shards: Iterable[ShardInfo], readers: int) -> tuple[ShardInfo, ...]:
+    """The units the readers are dealt: the shards themselves, or each cut into ``parts_per_shard`` parts."""
+    shards = tuple(shards)
+    parts = parts_per_shard(len(shards), readers)
+    if parts == 1:
+        return shards
+    return tuple(dataclasses.replace(shard, name=f"{shard.name}[{part}/{parts}]", part=part, parts=parts,
+                                     samples=len(range(part, shard.samples, parts)))
+                 for shard in shards for part in range(parts))
+
+
 def batches_per_worker(shards: Iterable[ShardInfo], world_size: int, num_workers: int, micro_batch_size: int) -> int:
-    """Batches every worker delivers in a full epoch: enough for the largest share any epoch can deal a worker."""
+    """Batches every worker delivers in a full epoch: enough for the largest share any epoch can deal a worker.
+
+    ``shards`` are the units dealt to readers (``reader_shards``), at least one per reader."""
     sizes = sorted((shard.samples for shard in shards), reverse=True)
     slots = world_size * num_workers
     if len(sizes) < slots:
         raise ValueError(f"{len(sizes)} shards cannot feed {world_size} ranks x {num_workers} workers = {slots} "
-                         f"readers: write smaller shards (data_prep --shard-samples) or lower data.num_workers")
+                         f"readers: cut them with reader_shards first")
     largest_share = sum(sizes[:math.ceil(len(sizes) / slots)])
     return math.ceil(largest_share / micro_batch_size)
 
@@ -84,7 +110,8 @@ def read_shard_samples(shard: ShardInfo, errors: BadSampleLog) -> Iterator[dict]
     """Stage 3: raw samples ``{"__key__", "json": bytes, "<ext>": bytes}`` of one tar, in tar order.
 
     A damaged tar yields the samples before the damage; the damage is counted as ``unreadable_tar``. A tar holding
-    a different number of samples than the manifest says is counted as ``shard_count_mismatch``.
+    a different number of samples than the manifest says is counted as ``shard_count_mismatch``. A part of a
+    shared tar (``shard.parts > 1``) yields only the samples whose index is ``shard.part`` mod ``shard.parts``.
     """
     def handler(error: Exception) -> bool:
         errors.record(shard.name, "unreadable_tar", f"{type(error).__name__}: {error}")
@@ -94,14 +121,15 @@ def read_shard_samples(shard: ShardInfo, errors: BadSampleLog) -> Iterator[dict]
     with open(shard.path, "rb") as stream:
         try:
             members = ({**member, "__url__": shard.path} for member in tar_file_iterator(stream, handler=handler))
-            for sample in group_by_keys(members, handler=handler):
-                count += 1
-                yield sample
+            for index, sample in enumerate(group_by_keys(members, handler=handler)):
+                if index % shard.parts == shard.part:
+                    count += 1
+                    yield sample
         except (tarfile.TarError, OSError, EOFError) as error:
             handler(error)
     if count != shard.samples:
-        errors.record(shard.name, "shard_count_mismatch", f"the tar holds {count} samples, the manifest says "
-                                                          f"{shard.samples}: rerun `data_prep verify`")
+        errors.record(shard.name, "shard_count_mismatch", f"the tar holds {count} samples for this reader, the "
+                                                          f"manifest says {shard.samples}: rerun `data_prep verify`")
 
 
 def read_shard_keys(shard: ShardInfo) -> list[str]:
@@ -122,7 +150,7 @@ def read_shard_keys(shard: ShardInfo) -> list[str]:
                     keys.append(key)
     except (tarfile.TarError, OSError, EOFError) as error:
         log.warning("%s: tar headers unreadable after %d samples (%s)", shard.name, len(keys), error)
-    return keys
+    return keys[shard.part::shard.parts]
 
 
 # ----------------------------------------------------------------------------------------------------- streams
