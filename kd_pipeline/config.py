@@ -123,6 +123,8 @@ class TrainConfig:
     """Samples per rank per forward pass."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int = 0
+    """Samples per optimizer step the run is designed for (micro_batch_size x grad_accum x ranks): a launch whose ranks give another number is refused before any model loads (0: any)."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.0
@@ -256,6 +258,10 @@ class Config:
                            ("checkpoint.keep_last", self.checkpoint.keep_last)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        per_rank = self.train.micro_batch_size * self.train.grad_accum
+        if self.train.global_batch_size < 0 or self.train.global_batch_size % per_rank:
+            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size x train.grad_accum = {per_rank} (0 disables the check)")
         if not 0.0 <= self.kd.alpha_kd <= 1.0:
             raise ConfigError(f"kd.alpha_kd must lie in [0, 1], got {self.kd.alpha_kd}")
         if not 0.0 <= self.minillm.mix_alpha <= 1.0:

@@ -1,56 +1,67 @@
-"""Per-rank memory plan of a run before it is launched: model states of student and teacher, plus activations.
+"""Per-rank memory plan of a run before it is launched, with a verdict against the device: model states of student
+and teacher, ZeRO-3's buffers, a stated CUDA/NCCL context, activations, and stage 2's rollout peak.
 
 Runbook::
 
-    python -m kd_pipeline.plan --config configs/geochat_13b_to_7b.yaml --world-size 8
+    python -m kd_pipeline.plan --config configs/geochat_13b_to_7b.yaml \
+        --config configs/geochat_13b_to_7b_stage2.yaml --world-size 8 --gpu-memory-gib 80     # both stages
     python -m kd_pipeline.plan student.arch=geochat-7b teacher.arch=geochat-13b student.image_size=504 \
         teacher.image_size=504 --world-size 8 [--json]
+    python -m kd_pipeline.plan --config CONFIG --world-size 8 --batch-only   # what launch/*.sh run at start
 
-Counts come from meta-device models built with ``kd_pipeline.models`` (``meta_model`` for the GeoChat presets,
-``llava_config`` for ``tiny``, the folder's ``config.json`` for ``path``), prepared as training prepares them
-(frozen CLIP tower, projector by config, LoRA or the full LLM), plus the feature map P (``losses.FeatureProjector``,
-trainable). The ZeRO stage and offload settings are read from the run's DeepSpeed JSON, resolved as training
-resolves it (``engine.ds_config``; the teacher's with ``for_teacher``). Mixed precision is assumed (16-bit
-parameters, fp32 masters: GPU runs are bf16).
+Counts come from meta-device models built with ``kd_pipeline.models`` (the folder's ``config.json`` for ``path``;
+a ``path`` with no config.json yet, i.e. before ``kd_pipeline.convert`` ran, falls back to the ``arch`` preset
+and the plan says so; ``llava_config`` for ``tiny``), prepared as training prepares them (frozen CLIP tower,
+projector by config, LoRA or the full LLM), plus the feature map P (``losses.FeatureProjector``, trainable). The
+ZeRO settings are read from the run's DeepSpeed JSON, resolved as training resolves it (``engine.ds_config``; the
+teacher's with ``for_teacher``). Mixed precision is assumed (16-bit parameters, fp32 masters: GPU runs are bf16).
 
-How each row is computed (bytes; GPU per rank, CPU per node, as DeepSpeed's estimators report):
+Rows (bytes; GPU per rank, CPU per node, as DeepSpeed's estimators report), each in a phase: ``all`` (held
+throughout), ``step`` (the training step) or ``rollout`` (stage 2's decoding). A stage's peak is ``all`` plus
+the larger of its phases.
 
 - student trainable states: DeepSpeed's own estimator (``estimate_zero3_model_states_mem_needs`` with the trainable
   count and the largest layer; ``estimate_zero2_model_states_mem_needs`` for stages 1-2) with zero_init=True and
-  the run's optimizer/parameter offload. **LoRA**: the estimator assumes every parameter trains (16-bit param and
-  grad, fp32 master and Adam moments: 18 B/param on GPU without offload). We call it with the *trainable* count
-  only; the largest layer stays the largest of the whole model (that is what ZeRO-3 gathers).
-  Its CPU figure without any offload is the peak while loading under ``zero.Init`` (largest layer x 4 B per GPU
-  process x 1.5), not a steady-state need.
-- student frozen parameters (CLIP tower, LoRA base weights): 2 B x N_frozen, divided over ranks under ZeRO-3
-  (to CPU with parameter offload); no gradients, no optimizer states. This is the estimator's 16-bit parameter
-  component alone.
-- teacher parameters, inference only: 2 B x N_teacher / world under ZeRO-3 (2 B x N_teacher per rank below it;
-  to CPU with ``deepspeed.offload_teacher_params``); no gradients, no optimizer states.
-- teacher LM-head copy: 2 B x V x H_teacher on every rank (``TeacherModule.gather_head`` keeps it for the fused KL).
-- student activations, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
-  eq. 1, 16-bit activations, no tensor/sequence parallelism), per decoder layer:
-  ``s*b*h*(34 + 5*a*s/h)`` bytes with ``s = data.max_length + image tokens - 1`` (the ``<image>`` token is replaced
-  by the image features), ``b`` = micro-batch, ``h`` = hidden size, ``a`` = heads. Memory-efficient attention
-  (``sdpa``/flash-attn, every backend but ``eager``) never stores the s x s scores: ``34*s*b*h``. Gradient
-  checkpointing (full recomputation) keeps each layer's input, ``2*s*b*h`` per layer, plus one layer's full set
-  during its recomputation. LLaMA's SwiGLU MLP and RMSNorm differ slightly from the GPT block the formula counts.
+  the run's offload. **LoRA**: the estimator assumes every parameter trains (18 B/param on GPU without offload);
+  it is called with the *trainable* count, the largest layer staying the largest of the whole model (what ZeRO-3
+  gathers). Its CPU figure without offload is the peak while loading under ``zero.Init``, not a steady need.
+- student frozen parameters (CLIP tower, LoRA base weights) and the teacher: 2 B/param, divided over ranks under
+  ZeRO-3 (to CPU with parameter offload); the teacher's LM-head copy: 2 B x V x H_t on every rank (fused KL).
+- ZeRO-3 buffers: parameters gathered at once are bounded by ``stage3_max_live_parameters`` (capped at the larger
+  engine's size) plus one ``stage3_prefetch_bucket_size``, 2 B each, both from the resolved DeepSpeed JSON.
+- CUDA/NCCL context: a stated constant (``--context-gib``, default 1.5: the CUDA context with torch's kernels and
+  cuBLAS workspaces, about 0.5-1 GiB, plus NCCL's channel buffers for 8 local peers); not measured here.
+- student activations, Korthikanti et al. 2022 (eq. 1, 16-bit, no tensor/sequence parallelism), per layer
+  ``s*b*h*(34 + 5*a*s/h)`` with ``s = data.max_length + image tokens - 1``; memory-efficient attention (every
+  backend but ``eager``) never stores the s x s scores: ``34*s*b*h``; gradient checkpointing keeps ``2*s*b*h`` per
+  layer plus one layer's full set. The teacher's outputs kept for the loss (last hidden states and projector
+  features, 2 B each) count too.
+- Stage 2 (``run.stage=minillm``), rollout phase: with ``minillm.gather_params`` both models' full 16-bit weights
+  on every rank (``sampling.gathered_for_decoding``), the KV caches of the rollouts decoded together for
+  ``prompt + minillm.max_new_tokens`` positions (prompt = ``data.loaders.MAX_PROMPT_TOKENS`` text tokens + image
+  tokens - 1; 2 (K, V) x layers x kv width x 2 B per position and model) and the prefill's working memory (one
+  layer's MLP of the larger model). Step phase: the policy forward's activations on rollout sequences plus those
+  of the D_PT batch (``data.max_length`` text tokens; both in one forward), the teacher's outputs for both. Both
+  phases hold the rollout buffer (teacher hidden states and features per rollout).
 
-Not counted: the CUDA context and allocator fragmentation, the vision towers' and the teacher's forward working
-memory (no_grad: one layer at a time), parameters ZeRO-3 keeps live while prefetching (bounded by
-``stage3_max_live_parameters``), the fused KL chunks and communication buckets.
+Verdict: a stage fits when its peak is at most 90 % of the device (``--gpu-memory-gib``, or CUDA's own total when
+a GPU is present): the rest is left to the allocator's fragmentation. The largest ``train.micro_batch_size`` that
+fits is searched with everything else unchanged. The checkpoint row is what one save writes (ZeRO-3: fp32 master
++ two Adam moments per trainable parameter, the frozen parameters' 16-bit partitions, stage 2's rollout buffers),
+from which README's operator's guide sizes Slurm's grace time.
+
+Not counted: the vision towers' activations (frozen, no_grad), the fused KL's chunks (``kd.chunk_size``: about
+256 MiB on CUDA), communication buckets, and anything the allocator reserves beyond the 10 % margin.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from kd_pipeline.config import Config, ConfigError, ModelConfig, help_text, load_config
 from kd_pipeline.errors import user_errors_exit
@@ -59,7 +70,13 @@ log = logging.getLogger(__name__)
 
 PARAM_BYTES = 2
 """Bytes of one 16-bit (bf16) parameter."""
+CHECKPOINT_BYTES_PER_TRAINABLE = 12
+"""ZeRO checkpoint bytes per trainable parameter: fp32 master weight + Adam's two fp32 moments."""
 GIB = 1024 ** 3
+USABLE_FRACTION = 0.9
+"""Share of the device a plan may fill; the rest is left to allocator fragmentation."""
+DEFAULT_CONTEXT_GIB = 1.5
+MAX_MICRO_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,9 @@ class ModelShape:
     num_layers: int
     num_heads: int
     vocab_size: int
+    intermediate_size: int
+    kv_width: int
+    """Key (= value) features per position and layer: ``num_key_value_heads x head_dim``."""
 
 
 @dataclass(frozen=True)
@@ -82,30 +102,53 @@ class ZeroSettings:
     stage: int
     offload_optimizer: bool
     offload_param: bool
+    max_live_parameters: int
+    prefetch_bucket_size: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Everything ``memory_rows`` needs that takes building models: computed once per plan."""
+    student: ModelShape
+    teacher: ModelShape | None
+    student_zero: ZeroSettings
+    teacher_zero: ZeroSettings | None
+    vocab_size: int
+    image_tokens: int
+    notes: tuple[str, ...]
 
 
 # ----------------------------------------------------------------------------------------------------- counting
 
 
-def meta_llava(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int) -> nn.Module:
-    """The model ``create_model`` would build, on the meta device and prepared for training (LoRA included)."""
+def meta_llava(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int, role: str = "student",
+               notes: list[str] | None = None):
+    """The model ``create_model`` would build, on the meta device and prepared for training (LoRA included).
+
+    A ``path`` without config.json (not converted yet) is counted as its ``arch`` preset, noted in ``notes``."""
+    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from kd_pipeline.models import llava_config, meta_model, num_image_tokens, prepare_model
     from kd_pipeline.models.geochat import LLM_PRESETS
 
-    if model_cfg.path:
-        config_file = Path(model_cfg.path) / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"{model_cfg.path} has no config.json: not a transformers LLaVA folder")
+    arch = model_cfg.arch
+    if model_cfg.path and not (Path(model_cfg.path) / "config.json").is_file():
+        if arch not in LLM_PRESETS:
+            raise ConfigError(f"{role}.path={model_cfg.path} has no config.json yet and {role}.arch={arch!r} is not "
+                              f"a GeoChat preset: convert the checkpoint first, or set {role}.arch to one of "
+                              f"{', '.join(LLM_PRESETS)} to plan before converting")
+        (notes if notes is not None else []).append(
+            f"{role}.path={model_cfg.path} has no config.json yet: counted as {role}.arch={arch}")
+    if model_cfg.path and (Path(model_cfg.path) / "config.json").is_file():
         config = LlavaConfig.from_pretrained(model_cfg.path, local_files_only=True)
         # load_model interpolates the tower's position table to the run's resolution: count that table.
         config.vision_config.image_size = model_cfg.image_size
         config.image_seq_length = num_image_tokens(model_cfg)
         with torch.device("meta"):
             model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    elif model_cfg.arch in LLM_PRESETS:
-        model = meta_model(model_cfg.arch, image_size=model_cfg.image_size, vocab_size=vocab_size,
+    elif arch in LLM_PRESETS:
+        model = meta_model(arch, image_size=model_cfg.image_size, vocab_size=vocab_size,
                            image_token_id=image_token_id)
     else:
         config = llava_config(model_cfg, vocab_size=vocab_size, image_token_id=image_token_id)
@@ -116,15 +159,17 @@ def meta_llava(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int) 
         return prepare_model(model, model_cfg)
 
 
-def feature_map(student_hidden: int, teacher_hidden: int) -> nn.Module:
+def feature_map(student_hidden: int, teacher_hidden: int):
     """P as ``StudentModule`` builds it, on the meta device."""
+    import torch
+
     from kd_pipeline.losses import FeatureProjector
 
     with torch.device("meta"):
         return FeatureProjector(student_hidden, teacher_hidden)
 
 
-def shape_of(modules: list[nn.Module], *, frozen: bool = False) -> ModelShape:
+def shape_of(modules: list, *, frozen: bool = False) -> ModelShape:
     """Counts over ``modules`` (the first one a LLaVA model or its peft wrapper); ``frozen`` ignores requires_grad.
 
     DeepSpeed's own ``model_to_params`` de-duplicates parameters by ``data_ptr``, which is 0 for every meta tensor,
@@ -132,7 +177,7 @@ def shape_of(modules: list[nn.Module], *, frozen: bool = False) -> ModelShape:
     """
     from kd_pipeline.models import unwrap_model
 
-    seen: dict[int, nn.Parameter] = {}
+    seen: dict = {}
     largest = 0
     for module in modules:
         for parameter in module.parameters():
@@ -142,9 +187,12 @@ def shape_of(modules: list[nn.Module], *, frozen: bool = False) -> ModelShape:
     total = sum(p.numel() for p in seen.values())
     trainable = 0 if frozen else sum(p.numel() for p in seen.values() if p.requires_grad)
     text = unwrap_model(modules[0]).config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, hidden_size=text.hidden_size,
                       num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
-                      vocab_size=text.vocab_size)
+                      vocab_size=text.vocab_size, intermediate_size=text.intermediate_size,
+                      kv_width=kv_heads * head_dim)
 
 
 def vocabulary(config: Config) -> tuple[int, int]:
@@ -152,7 +200,7 @@ def vocabulary(config: Config) -> tuple[int, int]:
     from kd_pipeline.models import GEOCHAT_TEXT_VOCAB
 
     folder = config.data.tokenizer or config.student.path
-    if folder and Path(folder).is_dir():
+    if folder and Path(folder).is_dir() and any(Path(folder).iterdir()):
         from kd_pipeline.tokenizer import image_token_id, load_tokenizer
 
         tokenizer = load_tokenizer(folder)
@@ -169,7 +217,34 @@ def zero_settings(ds_config: dict) -> ZeroSettings:
     def offloaded(key: str) -> bool:
         return zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
 
-    return ZeroSettings(zero_stage(ds_config), offloaded("offload_optimizer"), offloaded("offload_param"))
+    return ZeroSettings(zero_stage(ds_config), offloaded("offload_optimizer"), offloaded("offload_param"),
+                        int(float(zero.get("stage3_max_live_parameters", 1e9))),
+                        int(float(zero.get("stage3_prefetch_bucket_size", 5e7))))
+
+
+def count_models(config: Config, *, world_size: int) -> Counts:
+    """Build the meta models once and read the ZeRO settings both engines will run with."""
+    import torch
+
+    from kd_pipeline.engine.ds_config import resolve_ds_config
+    from kd_pipeline.models import num_image_tokens
+
+    notes: list[str] = []
+    vocab_size, image_id = vocabulary(config)
+    student_llava = meta_llava(config.student, vocab_size=vocab_size, image_token_id=image_id, notes=notes)
+    student_modules = [student_llava]
+    teacher = teacher_zero = None
+    if config.run.stage != "sft":
+        teacher = shape_of([meta_llava(config.teacher, vocab_size=vocab_size, image_token_id=image_id,
+                                       role="teacher", notes=notes)], frozen=True)
+        student_modules.append(feature_map(shape_of([student_llava]).hidden_size, teacher.hidden_size))
+        teacher_zero = zero_settings(resolve_ds_config(config, world_size=world_size, dtype=torch.bfloat16,
+                                                       hidden_size=teacher.hidden_size, for_teacher=True))
+    student = shape_of(student_modules)
+    student_zero = zero_settings(resolve_ds_config(config, world_size=world_size, dtype=torch.bfloat16,
+                                                   hidden_size=student.hidden_size))
+    return Counts(student=student, teacher=teacher, student_zero=student_zero, teacher_zero=teacher_zero,
+                  vocab_size=vocab_size, image_tokens=num_image_tokens(config.student), notes=tuple(notes))
 
 
 # ----------------------------------------------------------------------------------------------------- maths
@@ -213,6 +288,145 @@ def activation_bytes(*, seq_len: int, micro_batch: int, hidden: int, heads: int,
     return one_layer * layers
 
 
+def kv_cache_bytes(shape: ModelShape, *, sequences: int, positions: int) -> int:
+    """Keys and values of every layer for ``sequences`` x ``positions``, 16-bit."""
+    return 2 * shape.num_layers * shape.kv_width * PARAM_BYTES * sequences * positions
+
+
+def rollouts_decoded_together(config: Config) -> tuple[int, str]:
+    """How many rollouts one decode holds KV caches for, and the key that says so.
+
+    Hook: ``minillm.rollout_batch_size`` (rollouts decoded together) when the config tree has it; without it the
+    plan assumes the whole buffer, ``minillm.rollouts_per_rank``, is decoded at once (an upper bound)."""
+    together = getattr(config.minillm, "rollout_batch_size", 0)
+    if together:
+        return min(together, config.minillm.rollouts_per_rank), "minillm.rollout_batch_size"
+    return config.minillm.rollouts_per_rank, "minillm.rollouts_per_rank"
+
+
+def rollout_positions(config: Config, image_tokens: int) -> tuple[int, int]:
+    """(prompt positions, prompt + response positions) of one stage-2 rollout at its longest."""
+    from kd_pipeline.data.loaders import MAX_PROMPT_TOKENS
+
+    prompt = MAX_PROMPT_TOKENS + image_tokens - 1
+    return prompt, prompt + config.minillm.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------------- rows
+
+
+def _row(name: str, phase: str, gpu: int, *, cpu: int = 0, params: int = 0, how: str) -> dict:
+    return {"name": name, "phase": phase, "params": params, "gpu": gpu, "cpu": cpu, "how": how}
+
+
+def memory_rows(config: Config, counts: Counts, *, world_size: int, gpus_per_node: int, num_nodes: int,
+                context_bytes: int) -> list[dict]:
+    """Every row of the plan (see the module docstring), for the config's own micro-batch."""
+    student, teacher, zero = counts.student, counts.teacher, counts.student_zero
+    states_cpu, states_gpu = trainable_states(student.trainable, student.largest_layer, zero,
+                                              gpus_per_node=gpus_per_node, num_nodes=num_nodes)
+    frozen_cpu, frozen_gpu = frozen_params(student.total - student.trainable, zero, world_size=world_size,
+                                           num_nodes=num_nodes)
+    stage2 = config.run.stage == "minillm"
+    rows = [
+        _row("student trainable states", "all", states_gpu, cpu=states_cpu, params=student.trainable,
+             how=f"DeepSpeed ZeRO-{zero.stage} estimator on the trainable count"),
+        _row("student frozen params", "all", frozen_gpu, cpu=frozen_cpu, params=student.total - student.trainable,
+             how="2 B/param, no grads or optimizer"),
+    ]
+    if teacher is not None:
+        teacher_cpu, teacher_gpu = frozen_params(teacher.total, counts.teacher_zero, world_size=world_size,
+                                                 num_nodes=num_nodes)
+        head = counts.vocab_size * teacher.hidden_size
+        rows += [
+            _row("teacher params (inference)", "all", teacher_gpu, cpu=teacher_cpu, params=teacher.total,
+                 how=f"2 B/param / {world_size if counts.teacher_zero.stage == 3 else 1} rank(s), no grads"),
+            _row("teacher LM-head copy", "all", PARAM_BYTES * head, params=head,
+                 how="2 B x V x H_t on every rank (fused KL)"),
+        ]
+    if zero.stage == 3:
+        largest_engine = max(student.total, teacher.total if teacher is not None else 0)
+        live = min(zero.max_live_parameters, largest_engine)
+        rows.append(_row("ZeRO-3 live params + prefetch", "step" if stage2 and config.minillm.gather_params else "all",
+                         PARAM_BYTES * (live + zero.prefetch_bucket_size),
+                         how=f"2 B x (min(stage3_max_live_parameters {zero.max_live_parameters:.3g}, engine) "
+                             f"+ stage3_prefetch_bucket_size {zero.prefetch_bucket_size:.3g})"))
+    rows.append(_row("CUDA/NCCL context", "all", context_bytes, how="stated constant (--context-gib), not measured"))
+
+    flash = config.student.attn_implementation != "eager"
+    recompute = config.student.gradient_checkpointing
+    micro = config.train.micro_batch_size
+    dims = dict(hidden=student.hidden_size, heads=student.num_heads, layers=student.num_layers, flash=flash,
+                recompute=recompute)
+    setting = f"{'flash/sdpa' if flash else 'eager'}, recompute {'on' if recompute else 'off'}"
+    if not stage2:
+        seq_len = config.data.max_length + counts.image_tokens - 1
+        rows.append(_row("student activations", "step", activation_bytes(seq_len=seq_len, micro_batch=micro, **dims),
+                         how=f"Korthikanti: b={micro} s={seq_len}, {setting}"))
+        if teacher is not None:
+            rows.append(_row("teacher outputs for the loss", "step",
+                             PARAM_BYTES * micro * (seq_len + counts.image_tokens) * teacher.hidden_size,
+                             how="last hidden states + projector features, 2 B x b x (s + image tokens) x H_t"))
+        return rows
+    return rows + _stage2_rows(config, counts, micro=micro, dims=dims, setting=setting)
+
+
+def _stage2_rows(config: Config, counts: Counts, *, micro: int, dims: dict, setting: str) -> list[dict]:
+    student, teacher = counts.student, counts.teacher
+    prompt, positions = rollout_positions(config, counts.image_tokens)
+    together, key = rollouts_decoded_together(config)
+    response = config.minillm.max_new_tokens
+    rows = []
+    if config.minillm.gather_params:
+        rows += [_row("gathered student (decoding)", "rollout", PARAM_BYTES * student.total, params=student.total,
+                      how="minillm.gather_params: full 16-bit weights on every rank"),
+                 _row("gathered teacher (decoding)", "rollout", PARAM_BYTES * teacher.total, params=teacher.total,
+                      how="minillm.gather_params: full 16-bit weights on every rank")]
+    kv = kv_cache_bytes(student, sequences=together, positions=positions) + \
+        kv_cache_bytes(teacher, sequences=together, positions=positions)
+    larger = max((student, teacher), key=lambda shape: shape.intermediate_size)
+    rows += [
+        _row("rollout KV caches", "rollout", kv,
+             how=f"{together} rollouts ({key}) x {positions} positions (prompt {prompt} + {response} new), both models"),
+        _row("prefill working memory", "rollout",
+             PARAM_BYTES * together * prompt * (2 * larger.intermediate_size + larger.hidden_size),
+             how="one MLP of the larger model over the prompts: 2 B x n x P x (2 I + H)"),
+        _row("rollout buffer", "all",
+             PARAM_BYTES * config.minillm.rollouts_per_rank * (response + counts.image_tokens) * teacher.hidden_size,
+             how="teacher hidden states + features per rollout, 2 B x rollouts_per_rank x (T + image tokens) x H_t"),
+    ]
+    rows += [
+        _row("student activations", "step", activation_bytes(seq_len=positions, micro_batch=micro, **dims) +
+             activation_bytes(seq_len=config.data.max_length, micro_batch=micro, **dims),
+             how=f"Korthikanti: b={micro}, rollouts s={positions} + D_PT s={config.data.max_length}, {setting}"),
+        _row("teacher outputs for the loss", "step",
+             PARAM_BYTES * micro * (config.data.max_length + counts.image_tokens) * teacher.hidden_size,
+             how="D_PT hidden states + projector features, 2 B x b x (s + image tokens) x H_t"),
+    ]
+    return rows
+
+
+def phase_totals(rows: list[dict]) -> dict[str, int]:
+    """GPU bytes per rank of each phase (``all`` included in each) and ``peak``, the largest."""
+    shared = sum(row["gpu"] for row in rows if row["phase"] == "all")
+    phases = sorted({row["phase"] for row in rows} - {"all"}) or ["step"]
+    totals = {phase: shared + sum(row["gpu"] for row in rows if row["phase"] == phase) for phase in phases}
+    return {**totals, "peak": max(totals.values())}
+
+
+def checkpoint_size(config: Config, counts: Counts, *, world_size: int) -> dict:
+    """Bytes one save writes, all ranks together: ZeRO states of the trainable parameters, the frozen ones'
+    16-bit partitions, and stage 2's per-rank rollout buffers (``rank_<r>.pt``)."""
+    student = counts.student
+    engine = CHECKPOINT_BYTES_PER_TRAINABLE * student.trainable + PARAM_BYTES * (student.total - student.trainable)
+    buffers = 0
+    if config.run.stage == "minillm":
+        buffers = world_size * PARAM_BYTES * config.minillm.rollouts_per_rank * (
+            config.minillm.max_new_tokens + counts.image_tokens) * counts.teacher.hidden_size
+    return {"bytes": engine + buffers, "engine": engine, "rank_files": buffers,
+            "per_rank": (engine + buffers) // world_size}
+
+
 # ----------------------------------------------------------------------------------------------------- the plan
 
 
@@ -223,73 +437,79 @@ def _nodes(world_size: int, gpus_per_node: int | None) -> tuple[int, int]:
     return gpus_per_node, world_size // gpus_per_node
 
 
-def make_plan(config: Config, *, world_size: int, gpus_per_node: int | None = None) -> dict:
+def device_memory(gpu_memory_gib: float | None) -> tuple[int | None, str]:
+    """(bytes, where from): ``--gpu-memory-gib``, else CUDA's total for device 0, else (None, ...)."""
+    if gpu_memory_gib:
+        return int(gpu_memory_gib * GIB), "--gpu-memory-gib"
+    import torch
+
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        return int(properties.total_memory), f"CUDA: {properties.name}"
+    return None, "no --gpu-memory-gib and no CUDA device"
+
+
+def verdict(peak: int, device: int | None) -> dict:
+    if device is None:
+        return {"fits": None, "text": "no verdict: pass --gpu-memory-gib"}
+    usable = int(USABLE_FRACTION * device)
+    fits = peak <= usable
+    text = (f"fits, {(usable - peak) / GIB:.2f} GiB headroom" if fits else
+            f"does not fit: {(peak - usable) / GIB:.2f} GiB over") + \
+        f" (peak {peak / GIB:.2f} of {usable / GIB:.2f} GiB usable = {USABLE_FRACTION:.0%} of {device / GIB:.2f})"
+    return {"fits": fits, "usable": usable, "text": text}
+
+
+def largest_micro_batch(config: Config, counts: Counts, device: int | None, **layout) -> int | None:
+    """The largest ``train.micro_batch_size`` whose peak fits (0: not even 1), everything else unchanged."""
+    if device is None:
+        return None
+    usable = int(USABLE_FRACTION * device)
+
+    def fits(micro: int) -> bool:
+        train = dataclasses.replace(config.train, micro_batch_size=micro, grad_accum=1, global_batch_size=0)
+        return phase_totals(memory_rows(dataclasses.replace(config, train=train), counts, **layout))["peak"] <= usable
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= MAX_MICRO_BATCH and fits(high):
+        low, high = high, high * 2
+    high = min(high, MAX_MICRO_BATCH + 1)
+    while high - low > 1:  # fits(low) and not fits(high): peak grows with the micro-batch
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def make_plan(config: Config, *, world_size: int, gpus_per_node: int | None = None,
+              gpu_memory_gib: float | None = None, context_gib: float = DEFAULT_CONTEXT_GIB) -> dict:
     """The whole plan as plain data (bytes); ``format_table`` renders it."""
-    from kd_pipeline.engine.ds_config import resolve_ds_config
-    from kd_pipeline.models import num_image_tokens
-
     gpus_per_node, num_nodes = _nodes(world_size, gpus_per_node)
-    vocab_size, image_id = vocabulary(config)
-    with_teacher = config.run.stage != "sft"
-    student_llava = meta_llava(config.student, vocab_size=vocab_size, image_token_id=image_id)
-    student_modules = [student_llava]
-    teacher = None
-    if with_teacher:
-        teacher = shape_of([meta_llava(config.teacher, vocab_size=vocab_size, image_token_id=image_id)], frozen=True)
-        student_hidden = shape_of([student_llava]).hidden_size
-        student_modules.append(feature_map(student_hidden, teacher.hidden_size))
-    student = shape_of(student_modules)
-
-    student_zero = zero_settings(resolve_ds_config(config, world_size=world_size, dtype=torch.bfloat16,
-                                                   hidden_size=student.hidden_size))
-    states_cpu, states_gpu = trainable_states(student.trainable, student.largest_layer, student_zero,
-                                              gpus_per_node=gpus_per_node, num_nodes=num_nodes)
-    all_cpu, all_gpu = trainable_states(student.total, student.largest_layer, student_zero,
+    counts = count_models(config, world_size=world_size)
+    layout = dict(world_size=world_size, gpus_per_node=gpus_per_node, num_nodes=num_nodes,
+                  context_bytes=int(context_gib * GIB))
+    rows = memory_rows(config, counts, **layout)
+    totals = phase_totals(rows)
+    device, device_source = device_memory(gpu_memory_gib)
+    all_cpu, all_gpu = trainable_states(counts.student.total, counts.student.largest_layer, counts.student_zero,
                                         gpus_per_node=gpus_per_node, num_nodes=num_nodes)
-    frozen_cpu, frozen_gpu = frozen_params(student.total - student.trainable, student_zero, world_size=world_size,
-                                           num_nodes=num_nodes)
-    rows = [
-        {"name": "student trainable states", "params": student.trainable, "gpu": states_gpu, "cpu": states_cpu,
-         "how": f"DeepSpeed ZeRO-{student_zero.stage} estimator on the trainable count"},
-        {"name": "student frozen params", "params": student.total - student.trainable, "gpu": frozen_gpu,
-         "cpu": frozen_cpu, "how": "2 B/param, no grads or optimizer"},
-    ]
-    if teacher is not None:
-        teacher_zero = zero_settings(resolve_ds_config(config, world_size=world_size, dtype=torch.bfloat16,
-                                                       hidden_size=teacher.hidden_size, for_teacher=True))
-        teacher_cpu, teacher_gpu = frozen_params(teacher.total, teacher_zero, world_size=world_size,
-                                                 num_nodes=num_nodes)
-        head_rows = vocab_size * teacher.hidden_size
-        rows += [
-            {"name": "teacher params (inference)", "params": teacher.total, "gpu": teacher_gpu, "cpu": teacher_cpu,
-             "how": f"2 B/param / {world_size if teacher_zero.stage == 3 else 1} rank(s), no grads or optimizer"},
-            {"name": "teacher LM-head copy", "params": head_rows, "gpu": PARAM_BYTES * head_rows, "cpu": 0,
-             "how": "2 B x V x H_t on every rank (fused KL)"},
-        ]
-
-    seq_len = config.data.max_length + num_image_tokens(config.student) - 1
-    flash = config.student.attn_implementation != "eager"
-    recompute = config.student.gradient_checkpointing
-    dims = dict(seq_len=seq_len, micro_batch=config.train.micro_batch_size, hidden=student.hidden_size,
-                heads=student.num_heads, layers=student.num_layers)
-    variants = {"eager attention": activation_bytes(**dims, flash=False, recompute=False),
-                "memory-efficient attention": activation_bytes(**dims, flash=True, recompute=False),
-                "gradient checkpointing": activation_bytes(**dims, flash=flash, recompute=True)}
-    activations = activation_bytes(**dims, flash=flash, recompute=recompute)
-    rows.append({"name": "student activations", "params": 0, "gpu": activations, "cpu": 0,
-                 "how": f"Korthikanti: b={dims['micro_batch']} s={seq_len}, "
-                        f"{'flash/sdpa' if flash else 'eager'}, recompute {'on' if recompute else 'off'}"})
     return {
         "world_size": world_size, "gpus_per_node": gpus_per_node, "num_nodes": num_nodes,
-        "stage": config.run.stage, "student_zero": asdict(student_zero),
-        "student": {**asdict(student), "arch": config.student.arch, "path": config.student.path,
+        "stage": config.run.stage, "student_zero": asdict(counts.student_zero), "notes": list(counts.notes),
+        "student": {**asdict(counts.student), "arch": config.student.arch, "path": config.student.path,
                     "lora": config.student.lora},
-        "teacher": None if teacher is None else {**asdict(teacher), "arch": config.teacher.arch,
-                                                 "path": config.teacher.path},
+        "teacher": None if counts.teacher is None else {**asdict(counts.teacher), "arch": config.teacher.arch,
+                                                        "path": config.teacher.path},
         "rows": rows,
-        "total": {"gpu": sum(row["gpu"] for row in rows), "cpu": sum(row["cpu"] for row in rows)},
-        "deepspeed_all_trainable": {"gpu": all_gpu, "cpu": all_cpu, "params": student.total},
-        "activation_variants": {**dims, **variants},
+        "phases": totals,
+        "total": {"gpu": totals["peak"], "cpu": sum(row["cpu"] for row in rows)},
+        "device": {"bytes": device, "source": device_source},
+        "verdict": verdict(totals["peak"], device),
+        "largest_micro_batch": largest_micro_batch(config, counts, device, **layout),
+        "checkpoint": checkpoint_size(config, counts, world_size=world_size),
+        "batch": batch_arithmetic(config, world_size),
+        "deepspeed_all_trainable": {"gpu": all_gpu, "cpu": all_cpu, "params": counts.student.total},
     }
 
 
@@ -298,24 +518,64 @@ def format_table(plan: dict) -> str:
     zero = plan["student_zero"]
     offload = [name for name, on in (("optimizer", zero["offload_optimizer"]), ("params", zero["offload_param"])) if on]
     student, teacher = plan["student"], plan["teacher"]
-    lines = [f"memory plan: student {student['path'] or student['arch']}{' (LoRA)' if student['lora'] else ''}"
-             f" + teacher {'none' if teacher is None else teacher['path'] or teacher['arch']}, "
-             f"ZeRO-{zero['stage']} (offload: {', '.join(offload) or 'none'}), {plan['world_size']} rank(s) = "
-             f"{plan['num_nodes']} node(s) x {plan['gpus_per_node']}, bf16",
-             f"{'component':<30}{'params':>12}{'GPU/rank GiB':>14}{'CPU/node GiB':>14}  how"]
+    lines = [f"memory plan, stage {plan['stage']}: student {student['path'] or student['arch']}"
+             f"{' (LoRA)' if student['lora'] else ''} + teacher "
+             f"{'none' if teacher is None else teacher['path'] or teacher['arch']}, ZeRO-{zero['stage']} (offload: "
+             f"{', '.join(offload) or 'none'}), {plan['world_size']} rank(s) = {plan['num_nodes']} node(s) x "
+             f"{plan['gpus_per_node']}, bf16"]
+    lines += [f"note: {note}" for note in plan["notes"]]
+    lines.append(f"{'component':<30}{'phase':>8}{'params':>12}{'GPU/rank GiB':>14}{'CPU/node GiB':>14}  how")
     for row in plan["rows"]:
         params = f"{row['params'] / 1e6:,.1f}M" if row["params"] else ""
-        lines.append(f"{row['name']:<30}{params:>12}{row['gpu'] / GIB:>14.2f}{row['cpu'] / GIB:>14.2f}  {row['how']}")
-    lines.append(f"{'total':<30}{'':>12}{plan['total']['gpu'] / GIB:>14.2f}{plan['total']['cpu'] / GIB:>14.2f}"
-                 "  model states + activations (no CUDA context, fragmentation or buffers)")
+        lines.append(f"{row['name']:<30}{row['phase']:>8}{params:>12}{row['gpu'] / GIB:>14.2f}"
+                     f"{row['cpu'] / GIB:>14.2f}  {row['how']}")
+    for phase, total in plan["phases"].items():
+        if phase != "peak":
+            lines.append(f"{'total, ' + phase + ' phase':<30}{'':>8}{'':>12}{total / GIB:>14.2f}")
+    lines.append(f"{'peak':<30}{'':>8}{'':>12}{plan['phases']['peak'] / GIB:>14.2f}"
+                 f"{plan['total']['cpu'] / GIB:>14.2f}")
+    device = plan["device"]
+    lines.append(f"verdict ({device['source']}): {plan['verdict']['text']}")
+    if plan["largest_micro_batch"] is not None:
+        lines.append(f"largest train.micro_batch_size that fits: {plan['largest_micro_batch'] or 'none (not even 1)'}"
+                     f" (this config: {plan['batch']['micro_batch_size']})")
+    checkpoint = plan["checkpoint"]
+    lines.append(f"checkpoint: {checkpoint['bytes'] / GIB:.2f} GiB per save, {checkpoint['per_rank'] / GIB:.2f} GiB "
+                 f"per rank (ZeRO: 12 B/trainable + 2 B/frozen param; rollout buffers)")
+    lines.append(plan["batch"]["text"])
     reference = plan["deepspeed_all_trainable"]
     lines.append(f"reference: DeepSpeed's estimator with all {reference['params'] / 1e6:,.1f}M student params "
                  f"trainable: {reference['gpu'] / GIB:.2f} GiB GPU/rank, {reference['cpu'] / GIB:.2f} GiB CPU/node")
-    variants = plan["activation_variants"]
-    lines.append("activations by setting: " + ", ".join(
-        f"{name} {variants[name] / GIB:.2f} GiB"
-        for name in ("eager attention", "memory-efficient attention", "gradient checkpointing")))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- launch check
+
+
+def batch_arithmetic(config: Config, world_size: int) -> dict:
+    """The global batch ``world_size`` ranks give this config, checked against ``train.global_batch_size``."""
+    micro, accum = config.train.micro_batch_size, config.train.grad_accum
+    global_batch = micro * accum * world_size
+    stated = config.train.global_batch_size
+    text = (f"batch: {micro} samples x {accum} accumulation x {world_size} ranks = {global_batch} samples per "
+            f"optimizer step")
+    if stated:
+        text += f" (train.global_batch_size={stated}{', as designed' if stated == global_batch else ''})"
+    return {"micro_batch_size": micro, "grad_accum": accum, "world_size": world_size, "global": global_batch,
+            "stated": stated, "text": text}
+
+
+def check_batch(config: Config, world_size: int) -> dict:
+    """``batch_arithmetic``, raising ``ConfigError`` when the ranks give another global batch than the config's."""
+    batch = batch_arithmetic(config, world_size)
+    if batch["stated"] and batch["stated"] != batch["global"]:
+        per_rank = batch["micro_batch_size"] * batch["grad_accum"]
+        raise ConfigError(
+            f"train.global_batch_size={batch['stated']} needs {batch['stated'] // per_rank} ranks at "
+            f"{batch['micro_batch_size']} x {batch['grad_accum']} per rank, but this launch has {world_size} "
+            f"({batch['global']} samples per step): change the allocation, train.grad_accum, or "
+            f"train.global_batch_size")
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -323,13 +583,22 @@ def format_table(plan: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kd_pipeline.plan",
-                                     description="Per-rank memory plan (model states and activations) of a run.",
+                                     description="Per-rank memory plan of a run, with a verdict against the device.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text())
-    parser.add_argument("--config", help="run YAML; omitted keys keep their defaults")
+    parser.add_argument("--config", action="append", default=[],
+                        help="run YAML; repeat it to plan several (e.g. stage 1 and stage 2); omitted keys keep "
+                             "their defaults")
     parser.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the run")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: min(world, 8))")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="memory of one GPU in GiB for the verdict (default: read from CUDA when present)")
+    parser.add_argument("--context-gib", type=float, default=DEFAULT_CONTEXT_GIB,
+                        help=f"CUDA context + NCCL buffers per rank (default {DEFAULT_CONTEXT_GIB})")
+    parser.add_argument("--batch-only", action="store_true",
+                        help="print only the batch arithmetic for --world-size (no model counting); exit 2 when it "
+                             "disagrees with train.global_batch_size")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after each YAML")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
@@ -337,9 +606,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config, args.overrides)
-    plan = make_plan(config, world_size=args.world_size, gpus_per_node=args.gpus_per_node)
-    print(json.dumps(plan, indent=2) if args.json else format_table(plan))
+    outputs = []
+    for path in args.config or [None]:
+        config = load_config(path, args.overrides)
+        if args.batch_only:
+            outputs.append(check_batch(config, args.world_size))
+        else:
+            outputs.append(make_plan(config, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
+                                     gpu_memory_gib=args.gpu_memory_gib, context_gib=args.context_gib))
+    if args.json:
+        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2))
+    elif args.batch_only:
+        print("\n".join(batch["text"] for batch in outputs))
+    else:
+        print("\n\n".join(format_table(plan) for plan in outputs))
     return 0
 
 

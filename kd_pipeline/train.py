@@ -12,7 +12,9 @@ Runbook (the same entry point under every launcher):
 
 Exit codes: 0 finished; 75 stopped early on a signal, the job's end time or ``run.stop_at_step``, after saving
 (resume me: run the same command again); 2 bad configuration or input (one line on stderr naming the key or file;
-``kd_pipeline.preflight`` checks everything it can before any model is built); anything else is a crash. torchrun
+``kd_pipeline.preflight`` checks everything it can before any model is built, then the batch and the shards are
+checked against the ranks the launcher started); anything else is a crash. Each rank also records its exit code in
+``$KD_STATUS_DIR`` when a launcher sets it (``runtime.record_exit_status``). torchrun
 reports any non-zero worker exit as its own exit code 1, so rank 0 also writes ``{run.output_dir}/run_status.json``
 (``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for launchers to read.
 """
@@ -25,7 +27,7 @@ import sys
 import warnings
 
 from kd_pipeline.config import help_text, load_config
-from kd_pipeline.errors import UserError, report_user_error, user_errors_exit
+from kd_pipeline.errors import EXIT_USER_ERROR, UserError, report_user_error, user_errors_exit
 from kd_pipeline.preflight import check_run
 
 log = logging.getLogger("kd_pipeline.train")
@@ -62,27 +64,40 @@ def main(argv: list[str] | None = None) -> int:
     # identical lines per run that would bury the progress bar and real warnings.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     args = parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    check_run(config)  # shards, tokenizer, stage-2 inputs: before the process group, DeepSpeed and any model
+    from kd_pipeline.data.loaders import check_loader_readers
+    from kd_pipeline.plan import check_batch
+    from kd_pipeline.runtime import discover_ranks, init_runtime, record_exit_status, setup_logging
+
+    ranks = discover_ranks()  # from the launcher's environment: the batch and the loaders are checked against it
+    try:
+        config = load_config(args.config, args.overrides)
+        check_run(config)  # shards, tokenizer, stage-2 inputs: before the process group, DeepSpeed and any model
+        batch = check_batch(config, ranks.world_size)
+        check_loader_readers(config, ranks.world_size)
+    except UserError:
+        record_exit_status(ranks.rank, EXIT_USER_ERROR)
+        raise
 
     from kd_pipeline.engine.stopping import catch_stop_signals
-    from kd_pipeline.runtime import init_runtime, setup_logging
 
     catch_stop_signals()
 
     runtime = init_runtime(config.deepspeed.timeout_minutes)
     setup_logging(runtime.rank)
+    log.info("%s", batch["text"])
     try:
         if config.run.stage == "minillm":
             from kd_pipeline.recipes import minillm as recipe
         else:
             from kd_pipeline.recipes import supervised as recipe
         exit_code = recipe.run(config, runtime)
+        record_exit_status(runtime.rank, exit_code)  # first: a launcher may end this process once one rank exits
         if runtime.is_main:
             _write_status(config, exit_code)
         return exit_code
     except (UserError, FileNotFoundError) as error:  # found after start-up (e.g. a damaged resume checkpoint)
         log.error("%s", error)
+        record_exit_status(runtime.rank, EXIT_USER_ERROR)
         return report_user_error(error)
     finally:
         import torch.distributed as dist

@@ -9,6 +9,8 @@ Runbook::
         --tasks aid,hrben --data /data/eval --out runs/eval --limit 50
     # split over 8 GPUs: question i of the unanswered ones goes to rank i % 8
     torchrun --nproc-per-node 8 -m kd_pipeline.eval run --model runs/kd/best_hf --data /data/eval --out runs/eval
+    # or one srun task per GPU (ranks from SLURM_PROCID/SLURM_NTASKS, as training reads them)
+    srun --ntasks-per-node 8 python -m kd_pipeline.eval run --model runs/kd/best_hf --data /data/eval --out runs/eval
 
 Input: ``--data DIR`` holds ``<task>.jsonl`` (question_id, image, prompt, ground_truth, type, ...) and ``images/``
 as ``data_prep bench`` writes them. Every requested task file, and every image its questions name, must exist: a
@@ -58,6 +60,7 @@ from kd_pipeline.eval.referring import score_referring
 from kd_pipeline.eval.report import write_report
 from kd_pipeline.eval.scene import score_scene
 from kd_pipeline.eval.vqa import score_vqa
+from kd_pipeline.runtime import cuda_device_index, discover_ranks, export_rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -282,10 +285,12 @@ def split_for_rank(items: Sequence[Any], rank: int, world_size: int) -> list[Any
 
 
 def init_dist() -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; several ranks join a gloo group (used only for barriers)."""
-    dist = Dist(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    """This process's rank as training finds it (``runtime.discover_ranks``: torchrun/deepspeed's RANK, or one
+    ``srun`` task per rank); several ranks join a gloo group (used only for barriers)."""
+    info = discover_ranks()
+    dist = Dist(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank)
     if dist.world_size > 1 and not torch.distributed.is_initialized():
+        export_rendezvous(info)
         torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     return dist
 
@@ -337,7 +342,8 @@ def plan_rank(models: Mapping[str, Path], questions_by_task: Mapping[str, list[d
 def generate_pending(models: Mapping[str, Path], pending: Mapping[tuple[str, str], list[dict[str, Any]]],
                      options: argparse.Namespace, dist: Dist) -> None:
     """Answer this rank's share, model after model; a model with nothing left to answer is not even loaded."""
-    device, dtype = select_device(options.device, dist.local_rank)
+    gpu_index = cuda_device_index(dist.local_rank) if options.device != "cpu" and torch.cuda.is_available() else 0
+    device, dtype = select_device(options.device, gpu_index)
     tasks = list(dict.fromkeys(task for _, task in pending))
     for name, folder in models.items():
         if not any(pending[name, task] for task in tasks):

@@ -9,6 +9,9 @@ with the same answers as an uninterrupted run; rank part files merge into the sa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from kd_pipeline.eval.generate import (decode_answer, generate_answers, left_pad
 from kd_pipeline.models import build_model
 from kd_pipeline.prompts import tokenize_with_image
 from kd_pipeline.tokenizer import EOS_ID, image_token_id, save_tokenizer
+from tests.engine.launch import free_port
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the human's questions.")
@@ -313,3 +317,37 @@ def test_missing_task_file_is_an_error_before_any_model_is_loaded(model_dir, tmp
     error = capsys.readouterr().err
     assert "hrben.jsonl does not exist" in error and "data_prep bench --task hrben" in error
     assert generated_rows == [] and not (tmp_path / "out").exists()
+
+
+def srun_task_env(task: int, tasks: int, job_id: int) -> dict:
+    """What a bare ``srun --ntasks=N`` gives a task: Slurm's variables only (no RANK, WORLD_SIZE or MASTER_*)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS=str(tasks), SLURM_JOB_ID=str(job_id),
+               SLURM_JOB_NODELIST="localhost", OMP_NUM_THREADS="1")
+    return env
+
+
+def test_srun_tasks_each_get_their_own_rank_and_answer_part_file(model_dir, data_dir, tmp_path, complete_run):
+    """Two eval tasks started as srun starts them: each finds its rank from SLURM_PROCID (the runtime's discovery),
+    they meet at the rendezvous derived from the job (first host, port from the job id), answer disjoint halves
+    into their own part files, and rank 0 merges them into the single-process answers."""
+    job_id = free_port() - 20000  # the derived MASTER_PORT, 20000 + job id % 20000, is then a free port
+    probe = ("import json; from pathlib import Path; from kd_pipeline.eval import run\n"
+             "dist = run.init_dist(); run.barrier(dist)\n"
+             "print(json.dumps([dist.rank, dist.world_size, run.part_path(Path('answers'), 'hrben', dist).name]))\n")
+    probes = [subprocess.Popen([sys.executable, "-c", probe], env=srun_task_env(task, 2, job_id),
+                               stdout=subprocess.PIPE, text=True) for task in range(2)]
+    seen = sorted(json.loads(process.communicate(timeout=120)[0].strip().splitlines()[-1]) for process in probes)
+    assert seen == [[0, 2, "hrben.part0.jsonl"], [1, 2, "hrben.part1.jsonl"]]
+
+    out_dir = tmp_path / "srun"
+    command = [sys.executable, "-m", "kd_pipeline.eval", "run", "--model", f"tiny={model_dir}", "--data",
+               str(data_dir), "--out", str(out_dir), "--tasks", "hrben", "--batch-size", "2", "--max-new-tokens", "4",
+               "--device", "cpu", "--no-meteor", "--no-latency", "--no-paper"]
+    tasks = [subprocess.Popen(command, env=srun_task_env(task, 2, job_id + 1), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for task in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in tasks]
+    assert [process.returncode for process in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert read_lines(out_dir / "answers" / "tiny" / "hrben.jsonl") == read_lines(
+        complete_run[0] / "answers" / "tiny" / "hrben.jsonl")

@@ -1,5 +1,5 @@
 """Fixtures for running the launch scripts under stand-in Slurm tools (fake_slurm.py) and, for the fast tests, a
-stand-in DeepSpeed launcher (stub_launcher.py)."""
+stand-in rank (stub_rank.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.hpc.fake_slurm import install_fake_slurm, read_log
-from tests.hpc.stub_launcher import install_stub_python
+from tests.hpc.stub_rank import install_stub_python
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_ID = 4242
@@ -65,10 +65,39 @@ def stub_python(tmp_path) -> tuple[Path, Path]:
 
 
 def start_script(script: str, args: list[str], env: dict, log_file: Path) -> subprocess.Popen:
-    """Start ``bash launch/<script> ARGS`` in the repository root, output to ``log_file``."""
+    """Start ``bash launch/<script> ARGS`` in the repository root, output to ``log_file``, in a session of its own
+    (as a batch shell or a terminal's foreground job: a signal to its process group reaches no test process)."""
     handle = open(log_file, "w")
-    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT)
+    process = subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, stdout=handle,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_file = log_file
+    return process
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Every process whose environment carries ``KD_TEST_JOB_TAG=tag``: one job's batch shell and all below it."""
+    found = []
+    marker = f"KD_TEST_JOB_TAG={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def signal_tagged(tag: str, signum: int) -> int:
+    """Send ``signum`` to every process of one job (``tagged_processes``), as Slurm does on preemption or scancel;
+    returns how many there were."""
+    pids = tagged_processes(tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    return len(pids)
 
 
 def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None,

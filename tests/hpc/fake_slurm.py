@@ -4,13 +4,15 @@
 a PATH folder). Every call appends one JSON line to ``$KD_FAKE_SLURM_LOG``: the tool, its arguments and, for srun,
 each task's Slurm variables and the variables the launch script exports, plus the signals it forwarded.
 
-- ``srun``: starts ``nodes x ntasks-per-node`` tasks of the command on this machine, each in its own session with
-  ``SLURM_PROCID``/``SLURM_NODEID``/``SLURM_LOCALID``/``SLURM_NTASKS``/``SLURMD_NODENAME``; forwards USR1, USR2,
-  TERM and INT to the tasks (as real srun does); with ``--kill-on-bad-exit=1`` ends the other tasks' process groups
-  (TERM, then KILL after ``KILL_WAIT_SECONDS``, Slurm's KillWait) once one exits non-zero. Like slurmstepd, which
-  tracks a step's processes in a cgroup, it ends only when every process of every task's session is gone (leftovers
-  get TERM, then KILL after ``KILL_WAIT_SECONDS``); exits with the worst task status (a task ended by signal N
-  counts as 128 + N). Unknown options are refused, so a typo in a launch script fails the test.
+- ``srun``: starts ``ntasks`` tasks of the command on this machine (``ntasks-per-node`` to a node), each in its own
+  session with ``SLURM_PROCID``/``SLURM_NODEID``/``SLURM_LOCALID``/``SLURM_NTASKS``/``SLURM_STEP_NUM_TASKS``/
+  ``SLURMD_NODENAME`` (and ``SLURM_CPUS_PER_TASK`` from ``--cpus-per-task``). USR1, USR2, TERM and INT that srun
+  receives reach EVERY process of every task's session, children included (as slurmstepd signals every pid of the
+  step's cgroup): a launcher inside a task gets them too. With ``--kill-on-bad-exit=1`` it ends every process of
+  the other tasks (TERM, then KILL after ``KILL_WAIT_SECONDS``, Slurm's KillWait) once one exits non-zero. Like
+  slurmstepd it ends only when every process of every task's session is gone (leftovers get TERM, then KILL after
+  ``KILL_WAIT_SECONDS``); exits with the worst task status (a task ended by signal N counts as 128 + N). Unknown
+  options are refused, so a typo in a launch script fails the test.
 - ``scontrol show hostnames LIST``: expands ``node[1-2]``/``a,b`` to one loopback address per host (127.0.0.1,
   127.0.0.2, ...: distinct names that all reach this machine). ``scontrol show job ID``: one line with
   ``EndTime=$KD_FAKE_END_TIME`` (default 2099-01-01T00:00:00). ``scontrol requeue ID``: recorded only.
@@ -32,9 +34,10 @@ from pathlib import Path
 KILL_WAIT_SECONDS = 10.0
 RECORDED_ENV = ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_END_TIME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
                 "NCCL_ASYNC_ERROR_HANDLING", "KD_NPROC_PER_NODE", "KD_HOSTS", "OMP_NUM_THREADS",
-                "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+                "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "KD_STATUS_DIR", "CUDA_VISIBLE_DEVICES")
 SRUN_VALUE_OPTIONS = {"--nodes": "nodes", "-N": "nodes", "--ntasks": "ntasks", "-n": "ntasks",
-                      "--ntasks-per-node": "ntasks_per_node", "--kill-on-bad-exit": "kill_on_bad_exit"}
+                      "--ntasks-per-node": "ntasks_per_node", "--kill-on-bad-exit": "kill_on_bad_exit",
+                      "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task"}
 
 
 def record(entry: dict) -> None:
@@ -97,16 +100,21 @@ def srun(argv: list[str]) -> int:
     for task in range(ntasks):
         env = {**os.environ, "SLURM_PROCID": str(task), "SLURM_NODEID": str(task // per_node),
                "SLURM_LOCALID": str(task % per_node), "SLURM_NTASKS": str(ntasks), "SLURM_STEP_ID": "0",
-               "SLURMD_NODENAME": hosts[task // per_node]}
+               "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURMD_NODENAME": hosts[task // per_node]}
+        if "cpus_per_task" in options:
+            env["SLURM_CPUS_PER_TASK"] = options["cpus_per_task"]
         tasks.append(subprocess.Popen(command, env=env, start_new_session=True))
         entry["tasks"].append({key: env.get(key) for key in ("SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
-                                                              "SLURM_NTASKS", "SLURMD_NODENAME", *RECORDED_ENV)})
+                                                              "SLURM_NTASKS", "SLURMD_NODENAME",
+                                                              "SLURM_CPUS_PER_TASK", *RECORDED_ENV)})
 
     def forward(signum, _frame) -> None:
+        """Every process of every task, as slurmstepd signals the step's cgroup."""
+        members = _session_members({process.pid for process in tasks})
         entry["forwarded"].append(signal.Signals(signum).name)
-        for process in tasks:
-            if process.poll() is None:
-                os.kill(process.pid, signum)
+        entry.setdefault("forwarded_to", []).append(len(members))
+        for pid in members:
+            _kill_quietly(pid, signum)
 
     for forwarded in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(forwarded, forward)
@@ -126,6 +134,7 @@ def srun(argv: list[str]) -> int:
 
 
 def _session_members(session_ids: set[int]) -> list[int]:
+    """Live processes (not zombies) whose session is one of ``session_ids``."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -161,13 +170,12 @@ def _kill_quietly(pid: int, signum: int) -> None:
 
 
 def _signal_groups(tasks: list[subprocess.Popen], signum: int, entry: dict) -> None:
+    """Every process of each task still running (its session), as --kill-on-bad-exit does."""
     for task, process in enumerate(tasks):
         if process.poll() is None:
             entry["killed"].append([task, signal.Signals(signum).name])
-            try:
-                os.killpg(process.pid, signum)
-            except ProcessLookupError:
-                pass
+            for pid in _session_members({process.pid}):
+                _kill_quietly(pid, signum)
 
 
 def scontrol(argv: list[str]) -> int:

@@ -3,14 +3,13 @@ metrics, find its rank processes in /proc (for killing or stopping one), and cle
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import uuid
 from pathlib import Path
 
 from tests.engine.launch import free_port
-from tests.hpc.conftest import start_script, wait_for
+from tests.hpc.conftest import signal_tagged, start_script, wait_for
 
 CONFIG = "configs/tiny_cpu.yaml"
 JOB_TIMEOUT = 900
@@ -47,6 +46,10 @@ class Job:
             raise
         return self.process.returncode, self.log_file.read_text()
 
+    def signal_all(self, signum: int) -> int:
+        """``signum`` to every process of the job, as Slurm sends TERM on preemption or scancel."""
+        return signal_tagged(self.tag, signum)
+
     def processes(self) -> list[tuple[int, list[bytes], bytes, bytes]]:
         """(pid, environment, command line, parent's command line) of every process of this job."""
         found = []
@@ -66,20 +69,18 @@ class Job:
 
     def rank_pid(self, rank: int) -> int:
         """The training process of ``rank``: ``python -u -m kd_pipeline.train`` whose parent is not one too (its
-        DataLoader workers are forks with the same command line; the launcher names the module in its arguments)."""
+        DataLoader workers are forks with the same command line). Its rank is SLURM_PROCID under srun, RANK under
+        local_distill.sh."""
         trainer = b"-m\0kd_pipeline.train\0"
         found = [pid for pid, environ, cmdline, parent_cmdline in self.processes()
-                 if f"RANK={rank}".encode() in environ and trainer in cmdline and trainer not in parent_cmdline]
+                 if (f"SLURM_PROCID={rank}".encode() in environ or f"RANK={rank}".encode() in environ)
+                 and trainer in cmdline and trainer not in parent_cmdline]
         assert len(found) == 1, f"expected one training process of rank {rank}, found {found}"
         return found[0]
 
     def kill_all(self) -> None:
-        for pid, *_ in self.processes():
-            for signum in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
+        for signum in (signal.SIGCONT, signal.SIGKILL):
+            signal_tagged(self.tag, signum)
 
 
 def requeues(cluster) -> list[list[str]]:

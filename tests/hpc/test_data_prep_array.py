@@ -49,12 +49,13 @@ def role_env(fake_cluster, **variables: str) -> dict:
     return {key: value for key, value in env.items() if value != ""}
 
 
-def run_tasks(fake_cluster, inputs: list[str], out: Path, task_ids: list[int]) -> list[str]:
-    """Array tasks ``task_ids``, all at the same time (as Slurm runs them); returns their outputs."""
+def run_tasks(fake_cluster, inputs: list[str], out: Path, task_ids: list[int], **variables: str) -> list[str]:
+    """Array tasks ``task_ids`` as the submitter queues them, all at the same time (as Slurm runs them); returns
+    their outputs."""
     started = []
     for task in task_ids:
         env = role_env(fake_cluster, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT=str(NUM_TASKS),
-                       SLURM_CPUS_PER_TASK="1")
+                       SLURM_CPUS_PER_TASK="1", **{"KD_DATA_PREP_SUBMITTED": "1", **variables})
         log_file = fake_cluster.root / f"task{task}.log"
         started.append((start_script("slurm_data_prep.sh", [*inputs, "--out", str(out)], env, log_file), log_file))
     logs = []
@@ -79,13 +80,28 @@ def test_submitter_submits_the_array_then_a_merge_that_depends_on_it(fake_cluste
     assert process.wait(timeout=60) == 0, log_file.read_text()
     script = str(ROOT / "launch" / "slurm_data_prep.sh")
     array, merge_job = fake_cluster.calls("sbatch")
-    assert array["argv"] == ["--parsable", f"--array=0-{NUM_TASKS - 1}", script, *args]
+    assert array["argv"] == ["--parsable", f"--array=0-{NUM_TASKS - 1}", "--export=ALL,KD_DATA_PREP_SUBMITTED=1",
+                             script, *args]
     assert merge_job["argv"][:3] == ["--parsable", f"--dependency=afterok:{array['job_id']}",
                                      "--export=ALL,KD_DATA_PREP_MERGE=1"]
     assert merge_job["argv"][-len(args) - 1:] == [script, *args]
     assert f"array job {array['job_id']} ({NUM_TASKS} tasks) and merge job {merge_job['job_id']}" in \
         log_file.read_text()
     assert not (tmp_path / "shards").exists()  # the submitter itself writes nothing
+
+
+def test_an_array_submitted_by_hand_queues_its_own_merge_once(fake_cluster, inputs, tmp_path):
+    """README's `sbatch --array=0-15 launch/slurm_data_prep.sh ...`: the first task queues the merge job after the
+    whole array; the other tasks, and the first one when requeued, do not."""
+    args = [*inputs, "--out", str(tmp_path / "shards")]
+    by_hand = {"KD_DATA_PREP_SUBMITTED": "", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_MIN": "0"}
+    logs = run_tasks(fake_cluster, inputs, tmp_path / "shards", [0, 1, 2], **by_hand)
+    (merge_job,) = fake_cluster.calls("sbatch")
+    assert merge_job["argv"][:3] == ["--parsable", "--dependency=afterok:77", "--export=ALL,KD_DATA_PREP_MERGE=1"]
+    assert merge_job["argv"][-len(args) - 1:] == [str(ROOT / "launch" / "slurm_data_prep.sh"), *args]
+    assert f"submitted merge job {merge_job['job_id']}" in logs[0]
+    run_tasks(fake_cluster, inputs, tmp_path / "shards", [0], **by_hand, SLURM_RESTART_COUNT="1")
+    assert len(fake_cluster.calls("sbatch")) == 1
 
 
 def test_parallel_tasks_and_merge_equal_one_process_run(fake_cluster, inputs, reference, tmp_path):

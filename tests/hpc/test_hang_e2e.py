@@ -37,8 +37,8 @@ def test_a_lost_rank_fails_the_job_within_the_timeout(synth_data, tmp_path, fail
     reported = re.search(r"rank 0 failed after step (\d+) was completed", output)
     assert reported, output[-6000:]
     assert int(reported.group(1)) == metrics(output_dir)[-1]["step"] >= 1
-    if failure == signal.SIGKILL:  # the dead rank's node says so
-        assert "node 1 (" in output and "ranks 1-1 ended with exit code" in output
+    if failure == signal.SIGKILL:  # the dead rank's status reaches the batch script unchanged (128 + 9)
+        assert code == 137 and "training ended with exit code 137" in output
     if failure == signal.SIGSTOP:  # nothing closed a connection: only the process-group timeout can end the wait
         assert re.search(r"rank 0 failed after step \d+ was completed: .*(timed out|timeout)", output, re.IGNORECASE)
         assert "(a peer rank died or stopped responding within deepspeed.timeout_minutes)" in output

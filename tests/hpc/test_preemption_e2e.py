@@ -1,6 +1,9 @@
-"""The real launch scripts, the real DeepSpeed launcher and the real trainer on CPU ranks, under stand-in Slurm tools
-(fake_slurm.py): preemption with USR1 and requeue, a rank killed during a save, exact resume across requeues and
-topologies (2 nodes x 1 rank, 1 node x 2 ranks), and a 2 -> 1 rank resume through a universal checkpoint.
+"""The real launch scripts and the real trainer on CPU ranks, under stand-in Slurm tools that deliver signals as Slurm
+does (fake_slurm.py: srun signals every process of its tasks; a TERM "to the job" reaches every process of it):
+USR1 to the batch shell (the time limit) and TERM to every process (preemption, scancel) each end with a complete
+checkpoint, exit 75 and one requeue; the requeue limit fails the job with a message; a rank killed during a save;
+exact resume across requeues and topologies (2 nodes x 1 rank, 1 node x 2 ranks); a 2 -> 1 rank resume through a
+universal checkpoint.
 
 Every run reads ``data.shuffle_buffer=1``: without sample shuffling a worker's stream is its shards in order, so the
 1 rank x 2 workers run after the world-size change reads, micro-batch for micro-batch, what ranks 0 and 1 read
@@ -23,8 +26,8 @@ from tests.hpc.conftest import JOB_ID, make_cluster
 from tests.hpc.jobs import Job, data_overrides, requeues
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=4", "train.eval_every=2", "checkpoint.every_steps=2", "train.lr=3e-3",
-         "data.shuffle_buffer=1"]
+STEPS = ["train.max_steps=6", "train.eval_every=2", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+         "train.lr=3e-3", "data.shuffle_buffer=1"]
 COMPARED = ("loss", "ce", "kd", "align", "lr")
 
 
@@ -79,12 +82,45 @@ def preempted(synth_data, tmp_path_factory):
     return {"output_dir": output_dir, "cluster": cluster, **runs}
 
 
+@pytest.fixture(scope="module")
+def terminated(synth_data, tmp_path_factory):
+    """One output folder through three job runs on 1 node x 2 ranks: (1) TERM to every process of the job after
+    step 1 (preemption); (2) the requeued job (SLURM_RESTART_COUNT=1) with KD_MAX_REQUEUES=1, TERM again after one
+    more step: stopped, but not requeued past the limit; (3) the job resubmitted by hand, finishing."""
+    root = tmp_path_factory.mktemp("terminated")
+    cluster = make_cluster(root / "cluster")
+    output_dir = root / "run"
+    overrides = [*STEPS, *data_overrides(synth_data, output_dir)]
+    runs = {}
+    first = Job(cluster, "slurm_distill.sh", output_dir, overrides, nodes=1, nproc=2)
+    first.wait_for_steps(1)
+    runs["signalled"] = first.signal_all(signal.SIGTERM)
+    runs["preempted"] = first.finish()
+    runs["preempted_latest"] = (output_dir / "checkpoints" / "latest").read_text()
+    runs["preempted_requeues"] = requeues(cluster)
+
+    second = Job(cluster, "slurm_distill.sh", output_dir, overrides, nodes=1, nproc=2,
+                 env={"SLURM_RESTART_COUNT": "1", "KD_MAX_REQUEUES": "1"})
+    done = len(metrics(output_dir))
+    second.wait_for_steps(done + 1)
+    second.signal_all(signal.SIGTERM)
+    runs["limited"] = second.finish()
+    runs["limited_latest"] = (output_dir / "checkpoints" / "latest").read_text()
+    runs["limited_requeues"] = requeues(cluster)
+
+    third = Job(cluster, "slurm_distill.sh", output_dir, overrides, nodes=1, nproc=2)
+    runs["finished"] = third.finish()
+    return {"output_dir": output_dir, "cluster": cluster, **runs}
+
+
 def test_uninterrupted_job(reference):
-    assert [line["step"] for line in metrics(reference["output_dir"])] == [1, 2, 3, 4]
+    assert [line["step"] for line in metrics(reference["output_dir"])] == [1, 2, 3, 4, 5, 6]
     assert requeues(reference["cluster"]) == []
-    assert "node 0 (" in reference["log"] and "--node_rank 0" in reference["log"]
+    assert "world size 2 (1 node(s) x 2 ranks); batch: 4 samples x 1 accumulation x 2 ranks" in reference["log"]
     (srun,) = reference["cluster"].calls("srun")
-    assert "--kill-on-bad-exit=1" in srun["argv"] and srun["statuses"] == [0]
+    assert "--kill-on-bad-exit=1" in srun["argv"] and srun["statuses"] == [0, 0]
+    # each srun task is a rank (no launcher): its Slurm rank is the trainer's rank
+    assert [task["SLURM_PROCID"] for task in srun["tasks"]] == ["0", "1"]
 
 
 def test_usr1_to_the_batch_shell_saves_exits_75_and_requeues(preempted):
@@ -96,6 +132,36 @@ def test_usr1_to_the_batch_shell_saves_exits_75_and_requeues(preempted):
     assert stopped_at in (1, 2, 3), f"the stop came too late to test a resume ({stopped_at})"
     folder = preempted["output_dir"] / "checkpoints" / preempted["stopped_latest"]
     assert verify_checkpoint(folder) is None  # complete, checksums included
+
+
+def test_term_to_every_process_saves_exits_75_and_requeues_once(terminated):
+    code, output = terminated["preempted"]
+    assert code == 75, output[-6000:]
+    assert terminated["signalled"] >= 5  # batch shell, srun, 2 ranks, their loader workers
+    assert "stop requested (SIGTERM)" in output
+    assert terminated["preempted_requeues"] == [["requeue", str(JOB_ID)]]
+    stopped_at = int(terminated["preempted_latest"][-8:])
+    assert stopped_at in (1, 2, 3, 4), f"the stop came too late to test a resume ({stopped_at})"
+    assert verify_checkpoint(terminated["output_dir"] / "checkpoints" / terminated["preempted_latest"]) is None
+
+
+def test_a_stop_past_the_requeue_limit_fails_with_a_message(terminated):
+    code, output = terminated["limited"]
+    assert code == 3, output[-6000:]
+    assert "already requeued 1 times (KD_MAX_REQUEUES=1): not requeueing again" in output
+    assert terminated["limited_requeues"] == terminated["preempted_requeues"]  # no second requeue
+    limited_at = int(terminated["limited_latest"][-8:])
+    assert int(terminated["preempted_latest"][-8:]) < limited_at < 6
+    assert verify_checkpoint(terminated["output_dir"] / "checkpoints" / terminated["limited_latest"]) is None
+    code, output = terminated["finished"]
+    assert code == 0, output[-6000:]
+    assert f"at step {limited_at}" in output
+
+
+def test_terminated_and_resumed_job_reproduces_the_uninterrupted_losses(terminated, reference):
+    got, want = metrics(terminated["output_dir"]), metrics(reference["output_dir"])
+    assert [line["step"] for line in got] == [1, 2, 3, 4, 5, 6]
+    assert_same_losses(got, want, [1, 2, 3, 4, 5, 6], tolerance=1e-6)
 
 
 def test_rank_killed_during_a_save_resumes_from_the_previous_complete_checkpoint(preempted):
@@ -113,12 +179,12 @@ def test_rank_killed_during_a_save_resumes_from_the_previous_complete_checkpoint
 
 def test_requeued_and_resumed_job_reproduces_the_uninterrupted_losses_and_weights(preempted, reference):
     got, want = metrics(preempted["output_dir"]), metrics(reference["output_dir"])
-    assert [line["step"] for line in got] == [1, 2, 3, 4]
-    assert_same_losses(got, want, [1, 2, 3, 4], tolerance=1e-6)
-    for step in (2, 4):
+    assert [line["step"] for line in got] == [1, 2, 3, 4, 5, 6]
+    assert_same_losses(got, want, [1, 2, 3, 4, 5, 6], tolerance=1e-6)
+    for step in (2, 4, 6):
         assert got[step - 1]["val_loss"] == pytest.approx(want[step - 1]["val_loss"], abs=1e-6)
-    got_weights = final_weights(preempted["output_dir"] / "checkpoints" / "step_00000004")
-    want_weights = final_weights(reference["output_dir"] / "checkpoints" / "step_00000004")
+    got_weights = final_weights(preempted["output_dir"] / "checkpoints" / "step_00000006")
+    want_weights = final_weights(reference["output_dir"] / "checkpoints" / "step_00000006")
     assert got_weights.keys() == want_weights.keys()
     for name in want_weights:
         torch.testing.assert_close(got_weights[name], want_weights[name], rtol=0, atol=1e-6, msg=name)
