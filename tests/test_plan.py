@@ -1,7 +1,10 @@
 """``kd_pipeline.plan``: its numbers against DeepSpeed's estimators called directly with counts taken from real
-(CPU) models, the Korthikanti activation formula written out, and the 13B-teacher / 7B-student plan at 8 GPUs."""
+(CPU) models, the Korthikanti activation formula written out, the 13B-teacher / 7B-student plan at 8 GPUs, stage 2's
+rollout peak against a hand computation, the verdict and the largest micro-batch, the shipped configs planned before
+any checkpoint is converted, and the batch check the launch scripts run."""
 
 import json
+from pathlib import Path
 
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
@@ -10,7 +13,10 @@ from torch import nn
 from kd_pipeline.losses import FeatureProjector
 
 from kd_pipeline.config import load_config
-from kd_pipeline.plan import main
+from kd_pipeline.plan import GIB, main, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1, STAGE2 = ROOT / "configs" / "geochat_13b_to_7b.yaml", ROOT / "configs" / "geochat_13b_to_7b_stage2.yaml"
 
 
 def run_plan(capsys, *argv) -> dict:
@@ -75,7 +81,8 @@ def test_offload_config_reaches_the_estimator(capsys, tokenizer_dir):
                  "deepspeed.offload_teacher_params=true", "run.stage=sft"]
     plan = run_plan(capsys, *overrides, "--world-size", "4", "--gpus-per-node", "2")
     _, total, trainable, largest, _ = real_student_and_teacher(overrides, tokenizer_dir)
-    assert plan["student_zero"] == {"stage": 3, "offload_optimizer": True, "offload_param": True}
+    assert plan["student_zero"] == {"stage": 3, "offload_optimizer": True, "offload_param": True,
+                                    "max_live_parameters": 10**9, "prefetch_bucket_size": int(0.9 * 64 * 64)}
     assert plan["teacher"] is None and plan["num_nodes"] == 2
     assert (plan["student"]["total"], plan["student"]["trainable"]) == (total, trainable)
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest, num_gpus_per_node=2, num_nodes=2,
@@ -135,3 +142,78 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     assert "ZeRO stage 0 has no DeepSpeed estimator" in capsys.readouterr().err
     assert main(["student.bogus=1"]) == 2
     assert "unknown key student.bogus" in capsys.readouterr().err
+
+
+def test_stage2_rollout_peak_equals_a_hand_computation(capsys, monkeypatch):
+    """The shipped stage-2 config, planned before conversion (the arch presets), 8 ranks: stated shape 7B LoRA
+    student (32 layers x 4096) and 13B teacher (40 layers x 5120), 8 rollouts of 256 text + 1296 image - 1 prompt
+    positions + 256 new tokens, both models gathered."""
+    monkeypatch.chdir(ROOT)
+    plan = run_plan(capsys, "--config", str(STAGE2), "--world-size", "8", "--gpu-memory-gib", "80")
+    student, teacher = plan["student"]["total"], plan["teacher"]["total"]
+    trainable, largest = plan["student"]["trainable"], plan["student"]["largest_layer"]
+    assert 7.2e9 < student < 7.3e9 and 13.3e9 < teacher < 13.4e9 and 2.0e8 < trainable < 2.1e8
+
+    _, states, _ = estimate_zero3_model_states_mem_needs(trainable, largest, num_gpus_per_node=8, num_nodes=1,
+                                                         cpu_offload=False, cpu_offload_params=False, zero_init=True)
+    held = (states + 2 * (student - trainable) // 8 + 2 * teacher // 8   # ZeRO-3 shards of both models
+            + 2 * 32001 * 5120                                           # the teacher's LM-head copy
+            + int(1.5 * GIB)                                             # stated CUDA/NCCL context
+            + 2 * 8 * (256 + 1296) * 5120)                              # rollout buffer: hidden + features
+    positions = 256 + 1296 - 1 + 256
+    kv = 8 * positions * (2 * 32 * 4096 * 2 + 2 * 40 * 5120 * 2)          # (K, V) x layers x width x bf16, both
+    gathered = 2 * (student + teacher)
+    prefill = 2 * 8 * (256 + 1296 - 1) * (2 * 13824 + 5120)                # one 13B MLP over the prompts
+    assert plan["phases"]["rollout"] == held + gathered + kv + prefill
+    assert plan["phases"]["peak"] == plan["phases"]["rollout"] > plan["phases"]["step"]
+    assert 60 * GIB < plan["phases"]["peak"] < 72 * GIB and plan["verdict"]["fits"] is True
+    assert plan["notes"] == ["student.path=models/geochat-7b-hf has no config.json yet: counted as "
+                             "student.arch=geochat-7b", "teacher.path=models/geochat-13b-hf has no config.json yet: "
+                             "counted as teacher.arch=geochat-13b"]
+    assert plan["batch"]["global"] == 64 == plan["batch"]["stated"]
+    tight = run_plan(capsys, "--config", str(STAGE2), "--world-size", "8", "--gpu-memory-gib", "64")
+    assert tight["verdict"]["fits"] is False and "does not fit" in tight["verdict"]["text"]
+
+
+def test_readme_plan_command_gives_a_verdict_for_both_stages_before_conversion(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["--config", str(STAGE1.relative_to(ROOT)), "--config", str(STAGE2.relative_to(ROOT)),
+                 "--world-size", "8", "--gpu-memory-gib", "80"]) == 0
+    table = capsys.readouterr().out
+    assert "memory plan, stage kd_sft" in table and "memory plan, stage minillm" in table
+    assert table.count("verdict (--gpu-memory-gib): fits") == 2
+    assert table.count("has no config.json yet: counted as student.arch=geochat-7b") == 2
+    assert "largest train.micro_batch_size that fits" in table and "checkpoint:" in table
+
+
+def test_a_path_without_config_and_no_preset_is_refused_naming_the_keys(capsys, tmp_path):
+    assert main([f"student.path={tmp_path / 'not_converted'}", "--world-size", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "has no config.json yet and student.arch='tiny' is not a GeoChat preset" in error
+    assert "set student.arch to one of geochat-7b, geochat-13b" in error
+
+
+def test_largest_micro_batch_is_the_boundary_of_the_verdict(tokenizer_dir):
+    overrides = [f"data.tokenizer={tokenizer_dir}", "data.max_length=64", "student.attn_implementation=eager"]
+    config = load_config(None, overrides)
+    budget = dict(world_size=1, gpu_memory_gib=0.05, context_gib=0.0)
+    largest = make_plan(config, **budget)["largest_micro_batch"]
+    assert largest > 1
+
+    def fits(micro: int) -> bool:
+        return make_plan(load_config(None, [*overrides, f"train.micro_batch_size={micro}"]), **budget)["verdict"]["fits"]
+
+    assert fits(largest) and not fits(largest + 1)
+    assert make_plan(config, world_size=1, gpu_memory_gib=0.001, context_gib=0.0)["largest_micro_batch"] == 0
+
+
+def test_batch_only_prints_the_arithmetic_and_refuses_a_disagreement(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["--config", str(STAGE1), "--world-size", "8", "--batch-only"]) == 0
+    assert capsys.readouterr().out.strip() == ("batch: 4 samples x 4 accumulation x 8 ranks = 128 samples per "
+                                               "optimizer step (train.global_batch_size=128, as designed)")
+    assert main(["--config", str(STAGE1), "--world-size", "16", "--gpus-per-node", "8", "--batch-only"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: train.global_batch_size=128 needs 8 ranks at 4 x 4 per rank, but this launch has 16 (256 samples "
+        "per step): change the allocation, train.grad_accum, or train.global_batch_size")
+    assert main(["--config", str(STAGE1), "--world-size", "16", "--batch-only", "train.grad_accum=2"]) == 0
