@@ -23,7 +23,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -43,12 +45,26 @@ MAX_PROMPT_TOKENS = 256
 """Text tokens of a stage-2 rollout prompt at most (MiniLLM's max_prompt_length); longer prompts are skipped."""
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore USR1 and TERM: Slurm signals every process of a step, and the stop decision (and
-    the checkpoint) belongs to the rank; a worker killed by the signal would crash the rank instead. A worker whose
-    rank is gone still ends: torch's workers watch their parent."""
-    for stop_signal in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(stop_signal, signal.SIG_IGN)
+def outlive_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers outlive USR1 and TERM: Slurm signals every process of a step, and the stop decision (and
+    the checkpoint) belongs to the rank; a worker killed by the signal would crash the rank.
+
+    Torch's workers exit on a TERM from their rank (multiprocessing ends leftover workers so when the rank exits)
+    and die of a TERM from anyone else. Here both signals are blocked and taken by a thread with ``sigwaitinfo``,
+    which tells the sender apart: TERM from the rank still ends the worker (a worker ignoring it would keep a failed
+    rank from exiting), everything else is ignored. Written out because a Python signal handler never sees the
+    sender."""
+    stop_signals = {signal.SIGUSR1, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # this thread and every thread it starts
+    rank_pid = os.getppid()
+
+    def take_signals() -> None:
+        while True:
+            received = signal.sigwaitinfo(stop_signals)
+            if received.si_signo == signal.SIGTERM and received.si_pid == rank_pid:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, name="stop_signals", daemon=True).start()
 
 
 def _add_stats(total: dict, delta: dict) -> None:
@@ -181,7 +197,7 @@ class TrainLoader:
                                         shuffle_buffer=self.shuffle_buffer, micro_batch_size=self.micro_batch_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                              pin_memory=self.pin_memory, persistent_workers=False,
-                                             worker_init_fn=ignore_stop_signals)
+                                             worker_init_fn=outlive_stop_signals)
         for batch in loader:
             self._advance(batch.pop("_position"))
             yield batch
@@ -354,7 +370,7 @@ class EvalLoader:
                                micro_batch_size=self.micro_batch_size, max_batches=self.num_batches)
         produced = 0
         for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                 worker_init_fn=ignore_stop_signals):
+                                                 worker_init_fn=outlive_stop_signals):
             if "_stats" in batch:
                 self.stats = batch["_stats"]
                 continue

@@ -4,6 +4,11 @@ pre-training and prompt batches."""
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +272,50 @@ def test_prompt_loader_left_pads_prompts_ending_in_an_open_answer(tmp_path, toke
             assert batch["attention_mask"][row].tolist() == sorted(batch["attention_mask"][row].tolist())
             text = tokenizer.decode([t for t in ids if t != image_token_id(tokenizer)])
             assert text.endswith("ASSISTANT:") and "</s>" not in text.split("USER:")[-1]
+
+
+def forked_children() -> list[int]:
+    """This process's children that run its own command line: the DataLoader's worker processes."""
+    own = Path("/proc/self/cmdline").read_bytes()
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid() and (stat.parent / "cmdline").read_bytes() == own:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_outlive_stop_signals_from_outside(even_shards, tokenizer):
+    """Slurm signals every process of a step: a USR1 or TERM reaching the DataLoader workers from another process
+    leaves them working (the rank decides and saves); the rank's own TERM, multiprocessing's way of ending leftover
+    workers when the rank exits, still ends them."""
+    uninterrupted = take(build(even_shards, tokenizer, rank=0, world_size=2), 6)
+    stream = iter(build(even_shards, tokenizer, rank=0, world_size=2))
+    batches = [next(stream) for _ in range(2)]
+    workers = forked_children()
+    assert len(workers) == 2
+    for pid in workers:
+        for name in ("USR1", "TERM"):  # sent by `kill`, another process, as slurmstepd does
+            subprocess.run(["kill", f"-{name}", str(pid)], check=True)
+    time.sleep(1)
+    batches += [next(stream) for _ in range(4)]
+    assert [batch["keys"] for batch in batches] == [batch["keys"] for batch in uninterrupted]
+    assert all(running(pid) for pid in workers)
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)  # from the rank itself
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "the rank's TERM must end its workers"
+    stream.close()

@@ -68,13 +68,13 @@ class Job:
         return found
 
     def rank_pid(self, rank: int) -> int:
-        """The training process of ``rank``: ``python -u -m kd_pipeline.train`` whose parent is not one too (its
-        DataLoader workers are forks with the same command line). Its rank is SLURM_PROCID under srun, RANK under
-        local_distill.sh."""
-        trainer = b"-m\0kd_pipeline.train\0"
+        """The training process of ``rank``: ``python -u -m kd_pipeline.train`` whose parent has another command
+        line (its DataLoader workers are forks with the same one; srun's names the trainer among its arguments). Its
+        rank is SLURM_PROCID under srun, RANK under local_distill.sh."""
+        trainer = b"-u\0-m\0kd_pipeline.train\0"
         found = [pid for pid, environ, cmdline, parent_cmdline in self.processes()
                  if (f"SLURM_PROCID={rank}".encode() in environ or f"RANK={rank}".encode() in environ)
-                 and trainer in cmdline and trainer not in parent_cmdline]
+                 and trainer in cmdline and cmdline != parent_cmdline and b"fake_slurm.py" not in cmdline]
         assert len(found) == 1, f"expected one training process of rank {rank}, found {found}"
         return found[0]
 
