@@ -3,13 +3,14 @@
     python bench/bench_checkpoint_save.py [--steps N]
 
 Runs the real trainer (one rank, ``configs/tiny_cpu.yaml`` as shipped and a wider LoRA student, each in a process of
-its own, on a small synthetic world made with ``data_prep``) with a checkpoint after every step, and times each ``kd_pipeline.checkpoint.save_checkpoint`` call
-(DeepSpeed's ZeRO files, the RNG/loader files, and the sha256 of every file for COMPLETE.json). After each save,
-the same number of bytes is written to the same folder with ``write`` + ``fsync`` and timed: the ratio
-save / plain write is how much slower than the disk a save is, which README's operator's guide uses to size Slurm's
-grace time from ``plan``'s checkpoint size and the cluster's storage bandwidth. Also compares the bytes a save wrote
-with ``plan``'s checkpoint formula (12 B per trainable parameter + the frozen parameters' partitions, here fp32 on
-CPU). Writes bench/results/checkpoint_save_cpu.json.
+its own, on a small synthetic world made with ``data_prep``) with a checkpoint after every step, and times each
+``kd_pipeline.checkpoint.save_checkpoint`` call (DeepSpeed's ZeRO files, the RNG/loader files, and the sha256 of
+every file for COMPLETE.json). After each save, the same number of bytes is written to the same folder with
+``write`` + ``fsync`` and timed: the ratio save / plain write is how much slower than the disk a save is, which
+README's operator's guide uses to size Slurm's grace time from ``plan``'s checkpoint size and the cluster's storage
+bandwidth. Also compares the bytes a save wrote with ``kd_pipeline.memory``'s checkpoint formula (12 B per
+trainable parameter + the frozen parameters' partitions, here fp32 on CPU). Writes
+bench/results/checkpoint_save_cpu.json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from data_prep.__main__ import main as data_prep  # noqa: E402
 from kd_pipeline import checkpoint as ckpt  # noqa: E402
 from kd_pipeline.config import load_config  # noqa: E402
-from kd_pipeline.plan import CHECKPOINT_BYTES_PER_TRAINABLE, count_models  # noqa: E402
+from kd_pipeline.memory import CHECKPOINT_BYTES_PER_TRAINABLE, count_models  # noqa: E402
 from kd_pipeline.train import main as train  # noqa: E402
 
 FP32_BYTES = 4

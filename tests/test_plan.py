@@ -13,7 +13,8 @@ from torch import nn
 from kd_pipeline.losses import FeatureProjector
 
 from kd_pipeline.config import load_config
-from kd_pipeline.plan import GIB, main, make_plan
+from kd_pipeline.memory import GIB
+from kd_pipeline.plan import main, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1, STAGE2 = ROOT / "configs" / "geochat_13b_to_7b.yaml", ROOT / "configs" / "geochat_13b_to_7b_stage2.yaml"
@@ -171,6 +172,7 @@ def test_stage2_rollout_peak_equals_a_hand_computation(capsys, monkeypatch):
                              "student.arch=geochat-7b", "teacher.path=models/geochat-13b-hf has no config.json yet: "
                              "counted as teacher.arch=geochat-13b"]
     assert plan["batch"]["global"] == 64 == plan["batch"]["stated"]
+    assert plan["largest_micro_batch"] == 8  # the largest divisor of rollouts_per_rank 8: decoding does not grow
     tight = run_plan(capsys, "--config", str(STAGE2), "--world-size", "8", "--gpu-memory-gib", "64")
     assert tight["verdict"]["fits"] is False and "does not fit" in tight["verdict"]["text"]
 
@@ -201,7 +203,8 @@ def test_largest_micro_batch_is_the_boundary_of_the_verdict(tokenizer_dir):
     assert largest > 1
 
     def fits(micro: int) -> bool:
-        return make_plan(load_config(None, [*overrides, f"train.micro_batch_size={micro}"]), **budget)["verdict"]["fits"]
+        config = load_config(None, [*overrides, f"train.micro_batch_size={micro}"])
+        return make_plan(config, **budget)["verdict"]["fits"]
 
     assert fits(largest) and not fits(largest + 1)
     assert make_plan(config, world_size=1, gpu_memory_gib=0.001, context_gib=0.0)["largest_micro_batch"] == 0

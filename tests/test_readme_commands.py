@@ -4,8 +4,8 @@ plans and states its batch arithmetic truthfully, and every command README shows
 Each README command is covered in one of two ways (``COVERAGE``; a command this table does not know fails the test,
 so a new README command needs a decision here):
 - ``run``: executed as written in a scratch checkout, once the inputs README tells the reader to make exist: the
-  data_prep commands on a synthetic world (``data_prep synth --num 2000`` shrunk to 200 records in a second world, and the
-  placeholders GeoChat_Instruct.json, IMAGES, ... mapped onto that world), ``plan`` exactly as written, the tiny
+  data_prep commands on a synthetic world (``data_prep synth --num 2000`` shrunk to 200 records in a second world,
+  and the placeholders GeoChat_Instruct.json, IMAGES, ... mapped onto the tiny run's world), ``plan`` exactly as written, the tiny
   ``local_distill.sh`` run (Ctrl-C after its first step, then the same command again to resume and finish), and the
   array-job submitter under stand-in Slurm tools;
 - ``parse``: commands that need real GeoChat checkpoints, 8 GPUs or trained models are driven up to the point where
@@ -91,11 +91,15 @@ def test_files_named_in_readme_and_config_headers_exist():
                                                         if line.startswith("#"))
     named = {(where, match.rstrip(".")) for where, text in texts.items() for match in REPO_PATH.findall(text)}
     assert len(named) > 20
-    missing = sorted((where, name) for where, name in named if not (ROOT / name).exists())
+    # bench/results/ holds outputs: a benchmark not run yet on this hardware (the GPU ones) has none to show.
+    missing = sorted((where, name) for where, name in named
+                     if not (ROOT / name).exists() and not name.startswith("bench/results/"))
     assert missing == []
     modules = {module for text in texts.values() for module in re.findall(r"python -m ([\w.]+)", text)}
-    assert {module for module in modules
-            if not any((ROOT / module.replace(".", "/")).with_suffix(suffix).exists() for suffix in (".py", ""))} == set()
+    def exists(module: str) -> bool:
+        return any((ROOT / module.replace(".", "/")).with_suffix(suffix).exists() for suffix in (".py", ""))
+
+    assert {module for module in modules if not exists(module)} == set()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: str(path.relative_to(ROOT)))

@@ -299,7 +299,8 @@ def build_pt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: i
 
 
 def build_prompt_loader(data_cfg, *, tokenizer, image_size: int, num_image_tokens: int, micro_batch_size: int,
-                        rank: int, world_size: int, seed: int, max_prompt_length: int = MAX_PROMPT_TOKENS, split: str = "train",
+                        rank: int, world_size: int, seed: int, max_prompt_length: int = MAX_PROMPT_TOKENS,
+                        split: str = "train",
                         state: LoaderState | None = None, pin_memory: bool = False) -> TrainLoader:
     """Stage-2 rollout prompts (left-padded, no labels); prompts over ``max_prompt_length`` text tokens are skipped."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, max_prompt_length)

@@ -9,8 +9,8 @@ trainer's DataLoader workers do), writes ``$KD_STUB_DIR/rank<r>.ready`` once its
 code to ``$KD_STATUS_DIR/rank<r>.rc``. ``$KD_STUB_RANK_BEHAVIOUR``:
 
 - ``exit:<code>``: every rank exits with ``code`` at once;
-- ``wait_for_stop``: ranks wait (up to 60 s) for USR1 or TERM, then exit 75 like the trainer after its save;
-- ``slow_stop``: ranks wait 60 s whatever they receive (a save that takes long), then exit 75;
+- ``wait_for_stop``: ranks wait (up to 240 s) for USR1 or TERM, then exit 75 like the trainer after its save;
+- ``slow_stop``: ranks wait 240 s whatever they receive (a save that takes long), then exit 75;
 a behaviour per global rank can follow, as in ``wait_for_stop,rank1=exit:3`` (rank 1 exits 3 at once).
 """
 
@@ -62,7 +62,7 @@ def rank(argv: list[str]) -> int:
     if mode.startswith("exit:"):
         code = int(mode.split(":")[1])
     else:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240
         while (mode == "slow_stop" or not received) and time.monotonic() < deadline:
             time.sleep(0.05)
         code = RESUME_EXIT_CODE if received else 1

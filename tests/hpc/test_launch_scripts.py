@@ -34,10 +34,10 @@ def run_job(fake_cluster, stub_python, *, nodes: int, nproc: int, behaviour: str
     try:
         if stop is not None:
             world = nodes * nproc
-            wait_for(lambda: len(list(stub_dir.glob("rank*.ready"))) == world, 60, "all ranks to start", process,
+            wait_for(lambda: len(list(stub_dir.glob("rank*.ready"))) == world, 240, "all ranks to start", process,
                      log_file)
             stop(process, tag)
-        process.wait(timeout=120)
+        process.wait(timeout=300)
     finally:
         signal_tagged(tag, signal.SIGKILL)  # nothing of a failed test outlives it
     return process.returncode, log_file.read_text()
@@ -182,7 +182,7 @@ def ctrl_c(process, _tag):
 
 def ctrl_c_twice(process, tag):
     ctrl_c(process, tag)
-    wait_for(lambda: "asking the ranks to save" in (process.log_file.read_text()), 30, "the first Ctrl-C")
+    wait_for(lambda: "asking the ranks to save" in (process.log_file.read_text()), 120, "the first Ctrl-C")
     ctrl_c(process, tag)
 
 
@@ -215,7 +215,8 @@ def test_local_script_second_ctrl_c_aborts(fake_cluster, stub_python):
 
 def test_local_script_ranks_follow_cuda_visible_devices_and_a_failure_ends_the_others(fake_cluster, stub_python):
     code, output = run_job(fake_cluster, stub_python, nodes=1, nproc=1, behaviour="wait_for_stop,rank1=exit:3",
-                           script="local_distill.sh", extra_env={"KD_NPROC_PER_NODE": "", "CUDA_VISIBLE_DEVICES": "3,5"})
+                           script="local_distill.sh",
+                           extra_env={"KD_NPROC_PER_NODE": "", "CUDA_VISIBLE_DEVICES": "3,5"})
     assert code == 3, output
     reports = rank_reports(stub_python[1])
     assert sorted(reports) == [0, 1] and reports[0]["env"]["CUDA_VISIBLE_DEVICES"] == "3,5"
