@@ -136,8 +136,9 @@ srun_options=(--nodes="$NODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$KD_NPR
 cpus_per_task="${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}"
 [ -z "$cpus_per_task" ] || srun_options+=(--cpus-per-task="$cpus_per_task")
 read -r -a extra_options <<< "${KD_SRUN_ARGS:-}"
+srun_options+=(${extra_options[@]+"${extra_options[@]}"})  # the guard: bash < 4.4 calls an empty array unbound
 command=("$KD_PYTHON" -u -m kd_pipeline.train --config "$CONFIG" "$@")
-echo "slurm_distill.sh: srun ${srun_options[*]} ${extra_options[*]} ${command[*]}" >&2
+echo "slurm_distill.sh: srun ${srun_options[*]} ${command[*]}" >&2
 
 # The trap only notes the signal and a polling loop forwards it: bash's `wait`, once interrupted by a trapped
 # signal, can report -1 instead of the exit code of a child that died meanwhile. A TERM that reached every process
@@ -146,7 +147,7 @@ stop_requested=""
 stop_received=""
 trap 'stop_requested=USR1' USR1
 trap 'stop_requested=TERM' TERM
-srun "${srun_options[@]}" "${extra_options[@]}" "${command[@]}" &
+srun "${srun_options[@]}" "${command[@]}" &
 srun_pid=$!
 while kill -0 "$srun_pid" 2>/dev/null; do
     if [ -n "$stop_requested" ]; then

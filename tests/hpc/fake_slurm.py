@@ -37,7 +37,8 @@ RECORDED_ENV = ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_END_TIME", "TORCH_NCCL_
                 "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "KD_STATUS_DIR", "CUDA_VISIBLE_DEVICES")
 SRUN_VALUE_OPTIONS = {"--nodes": "nodes", "-N": "nodes", "--ntasks": "ntasks", "-n": "ntasks",
                       "--ntasks-per-node": "ntasks_per_node", "--kill-on-bad-exit": "kill_on_bad_exit",
-                      "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task"}
+                      "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task", "--gpus-per-task": "gpus_per_task",
+                      "--gpu-bind": "gpu_bind"}
 
 
 def record(entry: dict) -> None:

@@ -88,11 +88,13 @@ def test_one_task_per_rank_with_its_slurm_rank_and_the_job_environment(fake_clus
     assert requeues(fake_cluster) == []
 
 
-def test_srun_cpus_per_task_prefers_srun_cpus_per_task(fake_cluster, stub_python):
+def test_srun_options_cpus_per_task_and_gpu_binding(fake_cluster, stub_python):
     code, output = run_job(fake_cluster, stub_python, nodes=1, nproc=1, behaviour="exit:0",
-                           extra_env={"SLURM_CPUS_PER_TASK": "3", "SRUN_CPUS_PER_TASK": "5"})
+                           extra_env={"SLURM_CPUS_PER_TASK": "3", "SRUN_CPUS_PER_TASK": "5",
+                                      "KD_SRUN_ARGS": "--gpus-per-task=1 --gpu-bind=closest"})
     assert code == 0, output
-    assert "--cpus-per-task=5" in fake_cluster.calls("srun")[0]["argv"]
+    argv = fake_cluster.calls("srun")[0]["argv"]
+    assert argv[4:7] == ["--cpus-per-task=5", "--gpus-per-task=1", "--gpu-bind=closest"]  # SRUN_CPUS_PER_TASK wins
 
 
 @pytest.mark.parametrize("stop", [usr1_to_the_batch_shell, term_to_every_process_of_the_job],
