@@ -3,6 +3,12 @@ read exactly once across ranks and real DataLoader workers, a resume continues t
 change re-partitions the rest of the epoch with nothing lost or repeated, and a split too small for its readers is
 refused with a message that names real settings."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from kd_pipeline.config import ConfigError
@@ -124,3 +130,20 @@ def test_a_split_too_small_for_its_readers_is_refused_with_real_settings(tmp_pat
     message = str(caught.value)
     assert "train-000000.tar" in message and "has 3 samples, shared by 4 readers" in message
     assert "data.num_workers" in message and "--max-shard-samples" in message and "--shard-samples" not in message
+
+
+def test_the_trainer_refuses_a_too_small_split_before_building_any_model(tmp_path, tokenizer_dir):
+    folder = write_shard_folder(tmp_path / "tiny", {"train": even_train_shards(1, 3),
+                                                    "val": even_train_shards(1, 2, first_index=100)})
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "kd_pipeline.train", "--config", str(root / "configs" / "tiny_cpu.yaml"),
+         f"data.shards={folder}", f"data.tokenizer={tokenizer_dir}", "data.num_workers=4",
+         f"run.output_dir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "KD_STATUS_DIR": str(tmp_path / "status"), "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: train shard train-000000.tar") and "shared by 4 readers" in error
+    # the models' own log lines (tokenizer, attention backend, engines) never came
+    assert not re.search(r"kd_pipeline\.(tokenizer|models|engine)", result.stderr), result.stderr[-3000:]
+    assert (tmp_path / "status" / "rank00000.rc").read_text() == "2\n"  # what a launcher reads
