@@ -229,8 +229,8 @@ def test_data_and_local_training_commands_run_as_written(checkout, tmp_path):
                 first.kill()
     assert "INT received: asking the ranks to save and stop" in (tmp_path / "first.log").read_text()
     latest = (checkout / "runs" / "tiny_cpu" / "checkpoints" / "latest").read_text()
-    second = run_in(checkout, runnable(local), **env)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = run_in(checkout, runnable(local), **{**env, "MASTER_PORT": str(free_port())})
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert f"at step {int(latest[-8:])}" in second.stderr
     steps = [line for line in metrics.read_text().splitlines() if line.strip()]
     assert '"step": 20' in steps[-1]
