@@ -7,7 +7,9 @@
 # Hyperparameters live in the YAML; overrides pass through untouched. Running the same command again resumes from
 # the newest complete checkpoint in run.output_dir. Ctrl-C, TERM or USR1 to this script asks the ranks to save at
 # the next step boundary; the script then exits 75 ("stopped early, resume me": run it again). A second Ctrl-C or
-# TERM while they save aborts them at once (no checkpoint of that step).
+# TERM while they save aborts them at once (no checkpoint of that step). (Started with `&` from a script, the job
+# has SIGINT ignored from the start, as POSIX shells do for background jobs, and no shell can trap it then: stop
+# such a run with TERM or USR1.)
 #
 # The script starts the ranks itself (RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* for kd_pipeline.runtime), each in a
 # session of its own: a terminal's Ctrl-C reaches only this script, which turns it into a stop request, and no

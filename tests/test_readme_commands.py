@@ -198,7 +198,7 @@ def run_in(checkout: Path, command: list[str], **env: str) -> subprocess.Complet
 @pytest.mark.slow
 def test_data_and_local_training_commands_run_as_written(checkout, tmp_path):
     from tests.engine.launch import free_port
-    from tests.hpc.conftest import make_cluster
+    from tests.hpc.conftest import make_cluster, terminal_signals
 
     commands = [command for command in readme_commands() if COVERAGE.get(coverage_key(command)) == "run"
                 and coverage_key(command) not in ("python -m kd_pipeline.plan", "launch/local_distill.sh",
@@ -216,7 +216,8 @@ def test_data_and_local_training_commands_run_as_written(checkout, tmp_path):
     metrics = checkout / "runs" / "tiny_cpu" / "metrics.jsonl"
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(runnable(local), cwd=checkout, stdout=log, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT), **env}, start_new_session=True)
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), **env}, start_new_session=True,
+                                 preexec_fn=terminal_signals)
         try:
             deadline = 600
             while not (metrics.is_file() and metrics.read_text().strip()) and first.poll() is None and deadline:

@@ -69,9 +69,15 @@ def start_script(script: str, args: list[str], env: dict, log_file: Path) -> sub
     (as a batch shell or a terminal's foreground job: a signal to its process group reaches no test process)."""
     handle = open(log_file, "w")
     process = subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, stdout=handle,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=terminal_signals)
     process.log_file = log_file
     return process
+
+
+def terminal_signals() -> None:
+    """SIGINT as a terminal's shell leaves it: a test run in the background of a shell inherits SIGINT ignored,
+    and a shell started with a signal ignored can never trap it (POSIX), so Ctrl-C could not be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tagged_processes(tag: str) -> list[int]:

@@ -9,6 +9,8 @@ trainer's DataLoader workers do), writes ``$KD_STUB_DIR/rank<r>.ready`` once its
 code to ``$KD_STATUS_DIR/rank<r>.rc``. ``$KD_STUB_RANK_BEHAVIOUR``:
 
 - ``exit:<code>``: every rank exits with ``code`` at once;
+- ``exit_when_all_started:<code>``: exits with ``code`` once every rank of the world is ready (a failure that
+  comes after the others installed their handlers);
 - ``wait_for_stop``: ranks wait (up to 240 s) for USR1 or TERM, then exit 75 like the trainer after its save;
 - ``slow_stop``: ranks wait 240 s whatever they receive (a save that takes long), then exit 75;
 a behaviour per global rank can follow, as in ``wait_for_stop,rank1=exit:3`` (rank 1 exits 3 at once).
@@ -60,6 +62,11 @@ def rank(argv: list[str]) -> int:
     stub_dir = Path(os.environ["KD_STUB_DIR"])
     (stub_dir / f"rank{global_rank}.ready").write_text(str(os.getpid()))
     if mode.startswith("exit:"):
+        code = int(mode.split(":")[1])
+    elif mode.startswith("exit_when_all_started:"):
+        deadline = time.monotonic() + 240
+        while len(list(stub_dir.glob("rank*.ready"))) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
         code = int(mode.split(":")[1])
     else:
         deadline = time.monotonic() + 240

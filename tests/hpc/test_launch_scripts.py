@@ -133,7 +133,7 @@ def test_requeue_limit(fake_cluster, stub_python, restarts, requeued):
 
 
 def test_a_failed_rank_ends_the_others_and_is_not_requeued(fake_cluster, stub_python):
-    code, output = run_job(fake_cluster, stub_python, nodes=2, nproc=1, behaviour="wait_for_stop,rank1=exit:3")
+    code, output = run_job(fake_cluster, stub_python, nodes=2, nproc=1, behaviour="wait_for_stop,rank1=exit_when_all_started:3")
     assert code not in (0, 75), output
     (srun,) = fake_cluster.calls("srun")
     assert [0, "SIGTERM"] in srun["killed"], "srun --kill-on-bad-exit must end rank 0 once rank 1 failed"
@@ -216,7 +216,7 @@ def test_local_script_second_ctrl_c_aborts(fake_cluster, stub_python):
 
 
 def test_local_script_ranks_follow_cuda_visible_devices_and_a_failure_ends_the_others(fake_cluster, stub_python):
-    code, output = run_job(fake_cluster, stub_python, nodes=1, nproc=1, behaviour="wait_for_stop,rank1=exit:3",
+    code, output = run_job(fake_cluster, stub_python, nodes=1, nproc=1, behaviour="wait_for_stop,rank1=exit_when_all_started:3",
                            script="local_distill.sh",
                            extra_env={"KD_NPROC_PER_NODE": "", "CUDA_VISIBLE_DEVICES": "3,5"})
     assert code == 3, output
