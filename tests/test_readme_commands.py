@@ -54,6 +54,9 @@ def readme_commands() -> list[str]:
     """Every command line of README's code blocks: continuations joined, comments and `&&` chains split."""
     commands = []
     for block in README.split("```")[1::2]:
+        language, _, block = block.partition("\n")
+        if language.strip() not in ("", "bash", "sh", "shell"):  # e.g. a ```python example: code, not commands
+            continue
         joined = re.sub(r"\\\n\s*", "", block)
         for line in joined.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
