@@ -6,7 +6,10 @@ Measures, on random-weight Llava models:
 3. (CPU only) under ZeRO-3 on 2 ranks, all with sync_ranks=True: decoding with the parameters gathered once per
    rollout (`kd_pipeline.sampling.zero3.gathered_for_decoding`) vs partitioned parameters (every forward gathers
    every layer), plus `deepspeed.zero.GatheredParameters` alone ("naive"), whose gathered parameters the ZeRO-3
-   hooks release again after the first forward.
+   hooks release again after the first forward;
+4. a stage-2 rollout buffer (`buffer_micro_batches` micro-batches of `micro_batch` prompts of different widths)
+   decoded the way the recipe does it (`kd_pipeline.sampling.decode_in_batches`): one micro-batch per decode vs the
+   whole buffer in one decode (`minillm.rollout_batch_size=0`); rollout tokens/s of each and their ratio.
 
 Throughput counts decoded positions (rows x steps) per second. The EOS id is set outside the vocabulary so every
 row decodes max_new_tokens and all paths do the same work.
@@ -38,7 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from kd_pipeline.sampling import draw_tokens, mixture_log_probs, sample_mixed
+from kd_pipeline.sampling import decode_in_batches, draw_tokens, mixture_log_probs, sample_mixed
 from kd_pipeline.sampling.zero3 import gathered_for_decoding
 
 logger = logging.getLogger("bench_sampler")
@@ -62,13 +65,15 @@ class Shape:
     text_tokens: int
     new_tokens: int
     dtype: str
+    micro_batch: int  # part 4: prompts per micro-batch ...
+    buffer_micro_batches: int  # ... and micro-batches per rollout buffer
 
 
 SHAPES = {
-    "cpu": Shape(128, 192, 4, 32, 2000, 56, 4, 24, 64, "float32"),
-    "cpu_quick": Shape(64, 96, 2, 32, 1000, 28, 2, 12, 16, "float32"),
-    "cuda": Shape(1280, 2048, 24, 64, 32000, 336, 16, 64, 256, "bfloat16"),
-    "cuda_quick": Shape(1280, 2048, 24, 64, 32000, 336, 16, 64, 32, "bfloat16"),
+    "cpu": Shape(128, 192, 4, 32, 2000, 56, 4, 24, 64, "float32", 2, 8),
+    "cpu_quick": Shape(64, 96, 2, 32, 1000, 28, 2, 12, 16, "float32", 2, 4),
+    "cuda": Shape(1280, 2048, 24, 64, 32000, 336, 16, 64, 256, "bfloat16", 4, 8),
+    "cuda_quick": Shape(1280, 2048, 24, 64, 32000, 336, 16, 64, 32, "bfloat16", 4, 8),
 }
 
 
@@ -86,19 +91,21 @@ def build_llava(shape: Shape, hidden: int, seed: int) -> LlavaForConditionalGene
     return LlavaForConditionalGeneration(config).to(getattr(torch, shape.dtype)).eval()
 
 
-def make_prompts(shape: Shape, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_prompts(shape: Shape, seed: int, device: torch.device,
+                 rows_in_batch: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded image prompts of varied text lengths: image placeholders, then 1/2..1 x text_tokens of text."""
     generator = torch.Generator().manual_seed(seed)
     image_tokens = (shape.image_size // PATCH) ** 2
+    batch = rows_in_batch or shape.batch
     rows = []
-    for _ in range(shape.batch):
+    for _ in range(batch):
         text_length = int(torch.randint(shape.text_tokens // 2, shape.text_tokens + 1, (1,), generator=generator))
         text = torch.randint(1, shape.vocab - 1, (text_length,), generator=generator).tolist()
         rows.append([1] + [shape.vocab - 1] * image_tokens + text)
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([[PAD_ID] * (width - len(row)) + row for row in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-    pixel_values = torch.randn(shape.batch, 3, shape.image_size, shape.image_size, generator=generator)
+    pixel_values = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "pixel_values": pixel_values.to(device, getattr(torch, shape.dtype))}
 
@@ -149,6 +156,34 @@ def cached_step_seconds(models, prompts, steps: int, *, device: torch.device) ->
     return statistics.median(durations)
 
 
+def buffer_rollout_rates(student, teacher, shape: Shape, repeats: int, device: torch.device) -> dict:
+    """Part 4: one rollout buffer decoded per micro-batch vs in one decode, as the stage-2 recipe decodes it."""
+    batches = [make_prompts(shape, seed=10 + index, device=device, rows_in_batch=shape.micro_batch)
+               for index in range(shape.buffer_micro_batches)]
+    rows = shape.micro_batch * shape.buffer_micro_batches
+
+    def decode(prompts):
+        return sample_mixed(student, teacher, prompts["input_ids"], prompts["attention_mask"],
+                            prompts["pixel_values"], max_new_tokens=shape.new_tokens, eos_token_id=NEVER_EOS,
+                            pad_token_id=PAD_ID, generator=torch.Generator(device=device).manual_seed(0))
+
+    modes = {"per_micro_batch": shape.micro_batch, "buffer_batched": 0}  # rows per decode (0: the whole buffer)
+    timings: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in tqdm(range(repeats), desc="buffer rollouts", unit="repeat"):
+        for name, rows_per_decode in modes.items():  # interleaved, so machine noise hits both alike
+            _synchronise(device)
+            start = time.perf_counter()
+            rollouts = decode_in_batches(batches, rows_per_decode, decode, pad_token_id=PAD_ID)
+            _synchronise(device)
+            timings[name].append(time.perf_counter() - start)
+    tokens = sum(int(rollout.mask.sum()) for rollout in rollouts)
+    assert tokens == rows * shape.new_tokens  # EOS never drawn: every row decodes every step in both modes
+    rates = {name: tokens / statistics.median(values) for name, values in timings.items()}
+    return {"prompts": rows, "micro_batch": shape.micro_batch,
+            **{f"{name}_tokens_per_s": rate for name, rate in rates.items()},
+            "speedup_buffer_batched_over_per_micro_batch": rates["buffer_batched"] / rates["per_micro_batch"]}
+
+
 def run_single_process(shape: Shape, repeats: int, device: torch.device) -> dict:
     """Parts 1 and 2: KV cache vs recompute, mixed vs student-only step."""
     student = build_llava(shape, shape.student_hidden, seed=0).to(device)
@@ -171,6 +206,7 @@ def run_single_process(shape: Shape, repeats: int, device: torch.device) -> dict
     mixed = cached_step_seconds([student, teacher], prompts, timed_steps, device=device)
     progress.update()
     progress.close()
+    buffer = buffer_rollout_rates(student, teacher, shape, repeats, device)
     cached_rate = positions / statistics.median(timings["cached"])
     recomputed_rate = positions / statistics.median(timings["recomputed"])
     return {
@@ -179,6 +215,7 @@ def run_single_process(shape: Shape, repeats: int, device: torch.device) -> dict
                      "same_tokens": bool(torch.equal(tokens["cached"], tokens["recomputed"]))},
         "step_cost": {"student_only_step_s": student_only, "mixed_step_s": mixed,
                       "mixed_over_student_only": mixed / student_only},
+        "buffer": buffer,
     }
 
 
@@ -295,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"({results['kv_cache']['cached_positions_per_s']:.1f} vs "
           f"{results['kv_cache']['recomputed_positions_per_s']:.1f} positions/s)")
     print(f"mixed step / student-only step: {results['step_cost']['mixed_over_student_only']:.2f}x")
+    buffer = results["buffer"]
+    print(f"rollout buffer of {buffer['prompts']} prompts, whole buffer vs one micro-batch of {buffer['micro_batch']} "
+          f"per decode: {buffer['speedup_buffer_batched_over_per_micro_batch']:.2f}x "
+          f"({buffer['buffer_batched_tokens_per_s']:.1f} vs {buffer['per_micro_batch_tokens_per_s']:.1f} tokens/s)")
     if "zero3" in results:
         zero3 = results["zero3"]
         print(f"ZeRO-3 gathered vs partitioned: {zero3['speedup_gathered_over_partitioned']:.2f}x "

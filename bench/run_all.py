@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ["bench_sharding", "bench_loader", "bench_kd_loss", "bench_sampler", "bench_step_overhead"]
+SCRIPTS = ["bench_sharding", "bench_loader", "bench_kd_loss", "bench_sampler", "bench_step_overhead",
+           "bench_stage2_profile"]
 
 
 def _sharding_headlines(result: dict) -> list[str]:

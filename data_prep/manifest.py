@@ -11,9 +11,10 @@ import sys
 import json
 import os
 
+from kd_pipeline.data.manifest import FORMAT_VERSION  # the shard contract's version, defined by its reader
 from kd_pipeline.errors import UserError
+from kd_pipeline.fileio import write_atomic
 
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 
@@ -23,13 +24,8 @@ class ManifestError(UserError):
 
 
 def write_bytes_atomic(path: str, payload: bytes) -> None:
-    """Write under a temporary name, fsync, then rename, so readers never see a half-written file."""
-    temporary_path = path + ".tmp"
-    with open(temporary_path, "wb") as stream:
-        stream.write(payload)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary_path, path)
+    """Readers never see a half-written file (``kd_pipeline.fileio.write_atomic``)."""
+    write_atomic(path, payload)
 
 
 def json_bytes(payload: object) -> bytes:

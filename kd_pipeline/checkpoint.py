@@ -50,13 +50,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from kd_pipeline.errors import UserError
+from kd_pipeline.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +73,31 @@ class CheckpointError(UserError, RuntimeError):
 
 @dataclass
 class TrainerState:
-    """Counters and bookkeeping saved with every checkpoint (runtime state, not configuration)."""
-    step: int = 0
-    best_val_loss: float | None = None
-    best_tag: str | None = None
-    world_size: int = 1
-    zero_stage: int = 3
-    stage: str = "kd_sft"
-    extra: dict = field(default_factory=dict)
+    """A run's global progress, saved as ``trainer_state.json`` with every checkpoint (runtime state, not
+    configuration). What happens when a resumed run's config disagrees with it: ``kd_pipeline.progress``."""
+    step: int = 0                       # optimizer steps completed
+    best_val_loss: float | None = None  # lowest validation loss so far ...
+    best_tag: str | None = None         # ... and the checkpoint that holds it (``best``)
+    world_size: int = 1                 # ranks that wrote the checkpoint
+    zero_stage: int = 3                 # the student's ZeRO stage when it was written
+    stage: str = "kd_sft"               # run.stage that wrote it
+    rollout_round: int = 0              # stage 2: index of the rollout round in progress (seeds its PPO order)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        fields = json.loads(text)
+        # Checkpoints written before the field was typed kept the round under an untyped "extra" dict.
+        legacy = fields.pop("extra", None) or {}
+        if "round" in legacy:
+            fields.setdefault("rollout_round", int(legacy["round"]))
+        return cls(**fields)
 
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -209,16 +214,16 @@ def save_checkpoint(engine, checkpoint_dir: str | Path, state: TrainerState, *, 
     finish_problem = None
     if rank == 0:
         try:
-            (folder / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))
+            (folder / "trainer_state.json").write_text(state.to_json())
             (folder / "config.yaml").write_text(config_yaml)
             files = {name: entry for hashes, _ in gathered for name, entry in hashes.items()}
             shared = sorted(p.name for p in folder.iterdir()
                             if p.is_file() and p.name not in files and p.name != MARKER and not p.name.startswith("."))
             files.update(_hash_files(folder, shared))
             _write_marker(folder, tag, state.step, files)
-            _atomic_write(checkpoint_dir / "latest", tag)
+            write_atomic(checkpoint_dir / "latest", tag)
             if state.best_tag:
-                _atomic_write(checkpoint_dir / "best", state.best_tag)
+                write_atomic(checkpoint_dir / "best", state.best_tag)
             prune(checkpoint_dir, keep_last=keep_last, protect={state.best_tag} if state.best_tag else set())
         except OSError as error:
             finish_problem = _write_failure(error, folder)
@@ -240,7 +245,7 @@ def _raise_save_failure(folder: Path, failures: dict[int, str]) -> None:
 
 
 def _write_marker(folder: Path, tag: str, step: int, files: dict[str, dict]) -> None:
-    _atomic_write(folder / MARKER, json.dumps({"tag": tag, "step": step, "files": files}, indent=1))
+    write_atomic(folder / MARKER, json.dumps({"tag": tag, "step": step, "files": files}, indent=1))
 
 
 def verify_checkpoint(folder: Path, *, deep: bool = True) -> str | None:
@@ -319,7 +324,7 @@ def load_rank_state(folder: Path, rank: int) -> dict:
 
 
 def load_trainer_state(folder: Path) -> TrainerState:
-    return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
+    return TrainerState.from_json((folder / "trainer_state.json").read_text())
 
 
 def resolve_init_from(init_from: str) -> Path:

@@ -48,7 +48,7 @@ class RunConfig:
     stop_before_end_minutes: float = 0.0
     """Under Slurm, save and exit this many minutes before the job's end time (0 disables)."""
     stop_at_step: int = 0
-    """Save and exit with code 75 (resumable) after this optimizer step, keeping the schedule of max_steps (0: off)."""
+    """Save and exit with code 75 (resumable) after this step, keeping max_steps' schedule; a run resumed at or past it goes on (0: off)."""
     log_every: int = 1
     """Write a metrics.jsonl line every this many optimizer steps."""
 
@@ -171,6 +171,8 @@ class MinillmConfig:
     """Longest generated response."""
     rollouts_per_rank: int = 8
     """Rollout buffer size per rank and round (a multiple of train.micro_batch_size; steps may span rounds)."""
+    rollout_batch_size: int = 0
+    """Prompts decoded together per rank (0: the whole buffer); bounds the rollout KV caches. A multiple of train.micro_batch_size."""
     ppo_epochs: int = 4
     """Passes over each rollout buffer."""
     gamma: float = 0.95
@@ -276,6 +278,10 @@ class Config:
         if rollouts < micro or rollouts % micro:
             raise ConfigError(f"minillm.rollouts_per_rank={rollouts} must be a multiple of "
                               f"train.micro_batch_size={micro} (the buffer is split into whole micro-batches)")
+        decode_rows = self.minillm.rollout_batch_size
+        if decode_rows < 0 or decode_rows % micro:
+            raise ConfigError(f"minillm.rollout_batch_size={decode_rows} must be 0 (the whole buffer) or a positive "
+                              f"multiple of train.micro_batch_size={micro}")
         if self.minillm.ppo_epochs < 1:
             raise ConfigError(f"minillm.ppo_epochs must be >= 1, got {self.minillm.ppo_epochs}")
         if self.student.lora and self.student.lora_dropout > 0:

@@ -10,7 +10,8 @@ Checks, cheapest first; the first problem raises a ``UserError`` subclass whose 
 arithmetic, choices, ranges) was checked when ``load_config`` built the frozen ``Config``.
 
 1. instruction shards (``data.shards``): the manifest and the train split; the val split too unless
-   ``train.eval_every=0`` (no validation at all); stage 2 also the pre-training shards ``data.pt_shards``;
+   ``train.eval_every=0`` (no validation at all); stage 2 also the pre-training shards ``data.pt_shards`` (unless
+   ``minillm.pt_weight=0``);
 2. ``deepspeed.config`` exists and is JSON (the rest of it is resolved against the runtime when engines are built);
 3. model folders: ``student.path`` (and ``teacher.path`` unless ``run.stage=sft``) hold a ``config.json``;
 4. the tokenizer (``data.tokenizer``, else ``student.path``) loads with LLaMA's special ids; for distillation, a
@@ -112,10 +113,10 @@ def check_shards(config: Config) -> None:
         check_split("data.shards", config.data.shards, "val",
                     hint=f"; validation (train.eval_every={config.train.eval_every}) reads the val split: re-shard "
                          f"with `data_prep shard --val-fraction` > 0, or set train.eval_every=0 to train without it")
-    if config.run.stage == "minillm":
+    if config.run.stage == "minillm" and config.minillm.pt_weight > 0:  # pt_weight 0 reads no D_PT batch
         if not config.data.pt_shards:
             raise ConfigError("run.stage=minillm needs data.pt_shards (a `data_prep pt` folder): the pre-training "
-                              "loss is part of the method; set minillm.pt_weight=0 and any pt folder to run without it")
+                              "loss is part of the method; set minillm.pt_weight=0 to run without it")
         check_split("data.pt_shards", config.data.pt_shards, "pt")
 
 
@@ -156,7 +157,9 @@ def check_resume_loader_states(config: Config) -> None:
     if folder is None or not folder.is_dir():
         return
     if config.run.stage == "minillm":
-        loaders = {"prompt": (config.data.shards, "train"), "pt": (config.data.pt_shards, "pt")}
+        loaders = {"prompt": (config.data.shards, "train")}
+        if config.minillm.pt_weight > 0:
+            loaders["pt"] = (config.data.pt_shards, "pt")
     else:
         loaders = {"train": (config.data.shards, "train")}
     for name, (shards, split) in loaders.items():

@@ -16,7 +16,8 @@ Exit codes: 0 finished; 75 stopped early on a signal, the job's end time or ``ru
 checked against the ranks the launcher started); anything else is a crash. Each rank also records its exit code in
 ``$KD_STATUS_DIR`` when a launcher sets it (``runtime.record_exit_status``). torchrun
 reports any non-zero worker exit as its own exit code 1, so rank 0 also writes ``{run.output_dir}/run_status.json``
-(``{"status": "finished"|"stopped_early", "exit_code", "step"}``) for launchers to read.
+(``{"status": "finished"|"stopped_early", "exit_code", "step", "checkpoint"}``: the step and tag of the newest
+complete checkpoint) for launchers to read.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def _write_status(config, exit_code: int) -> None:
     from kd_pipeline.engine.stopping import RESUME_EXIT_CODE
 
     latest = Path(config.run.output_dir) / "checkpoints" / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else None
     status = {"status": "stopped_early" if exit_code == RESUME_EXIT_CODE else "finished", "exit_code": exit_code,
-              "checkpoint": latest.read_text().strip() if latest.is_file() else None}
+              "step": int(tag.removeprefix("step_")) if tag else 0, "checkpoint": tag}
     (Path(config.run.output_dir) / "run_status.json").write_text(json.dumps(status, indent=1))
 
 

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kd_pipeline.errors import UserError
+from kd_pipeline.fileio import write_atomic
 
 STATE_FORMAT = 1
 
@@ -168,12 +169,10 @@ def state_path(directory: str | Path, name: str, rank: int) -> Path:
 
 
 def save_loader_state(directory: str | Path, name: str, rank: int, state: dict) -> Path:
-    """Write one rank's ``state_dict()`` as ``loader_<name>_rank<rank>.json`` (temporary name, then rename)."""
+    """Write one rank's ``state_dict()`` as ``loader_<name>_rank<rank>.json`` (atomically, fsynced)."""
     path = state_path(directory, name, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(state))
-    temporary.replace(path)
+    write_atomic(path, json.dumps(state))
     return path
 
 

@@ -14,13 +14,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
 from kd_pipeline.config import Config, ConfigError, ModelConfig
 from kd_pipeline.engine.ds_config import resolve_ds_config, zero_stage
-from kd_pipeline.engine.modules import StudentModule, TeacherModule
+from kd_pipeline.engine.modules import StudentModule, TeacherModule, TeacherOutputs, run_teacher
+
+if TYPE_CHECKING:  # deepspeed is imported when engines are built, not when this module is
+    from deepspeed import DeepSpeedEngine
 from kd_pipeline.runtime import Runtime
 from kd_pipeline.tokenizer import image_token_id, load_tokenizer, tokenizer_folder
 
@@ -29,15 +36,61 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Engines:
-    tokenizer: object
-    student: object            # deepspeed engine around StudentModule
-    optimizer: object
-    scheduler: object
-    teacher: object | None     # deepspeed engine around TeacherModule (None for run.stage=sft)
+    """What ``build_engines`` made. Recipes use the named accessors below, not the engines' insides."""
+    tokenizer: PreTrainedTokenizerBase
+    student: DeepSpeedEngine           # around StudentModule: forward(mode=...), backward, step, checkpoints
+    optimizer: torch.optim.Optimizer   # DeepSpeed's ZeRO optimizer around AdamW
+    scheduler: LRScheduler             # warm-up + cosine, stepped by the student engine
+    teacher: DeepSpeedEngine | None    # around TeacherModule (None for run.stage=sft)
     student_ds_config: dict
     image_token_id: int
     num_image_tokens: int
     vocab_size: int
+
+    @property
+    def student_llava(self) -> nn.Module:
+        """The student's LLaVA (peft-wrapped with LoRA), called directly for decoding and validation forwards."""
+        return self.student.module.llava
+
+    @property
+    def teacher_llava(self) -> nn.Module:
+        return self._teacher_module().llava
+
+    @property
+    def student_head(self) -> torch.Tensor:
+        """The student's LM-head weight (V, Hs); a ZeRO-3 partition outside a gather."""
+        return self.student.module.head_weight
+
+    @property
+    def teacher_head(self) -> torch.Tensor:
+        """The teacher's LM head (V, Ht), gathered once at build time, padding rows dropped."""
+        return self._teacher_module().head_weight
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.student_ds_config)
+
+    def learning_rate(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def teacher_outputs(self, batch: dict) -> TeacherOutputs:
+        """A teacher forward (collective under ZeRO-3: every rank must run as many as the others)."""
+        if self.teacher is None:
+            raise ConfigError("this run has no teacher (run.stage=sft)")
+        return run_teacher(self.teacher, batch)
+
+    def partition_report(self) -> dict:
+        """This rank's share of each engine's parameters (and the teacher's forward count): engine_rank{r}.json."""
+        report = {"student": partition_report(self.student)}
+        if self.teacher is not None:
+            report["teacher"] = {**partition_report(self.teacher),
+                                 "forward_count": self._teacher_module().forward_count}
+        return report
+
+    def _teacher_module(self) -> TeacherModule:
+        if self.teacher is None:
+            raise ConfigError("this run has no teacher (run.stage=sft)")
+        return self.teacher.module
 
 
 def _hidden_size(model_cfg: ModelConfig) -> int:
@@ -48,9 +101,9 @@ def _hidden_size(model_cfg: ModelConfig) -> int:
         if not config_file.is_file():
             raise ConfigError(f"{model_cfg.path} has no config.json: not a transformers model folder")
         return int(json.loads(config_file.read_text())["text_config"]["hidden_size"])
-    from kd_pipeline.models import llava_config
+    from kd_pipeline.models import llm_hidden_size
 
-    return llava_config(model_cfg, vocab_size=1, image_token_id=0).text_config.hidden_size
+    return llm_hidden_size(model_cfg)
 
 
 def _build_llava(model_cfg: ModelConfig, ds_config: dict, runtime: Runtime, *, vocab_size: int, image_id: int,

@@ -1,47 +1,102 @@
 """Rank-0 metrics: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events, and the progress bar.
 
-Every logged line has ``step``, ``loss`` and each loss term by name (``ce``, ``kd``, ``align``; stage 2 adds its
-own), plus ``lr``, ``tokens_per_s``, ``data_wait_frac`` and, on validation steps, ``val_loss`` and ``val_*`` terms.
-On resume the lines after the resumed step are dropped first, so the file always describes one consistent run.
+``METRICS`` is the one vocabulary of both stages: the same name means the same quantity in every stage that has it,
+each name has its TensorBoard group (``train/``, ``val/``, ``stage2/``) and a one-line meaning, and the logger
+refuses a name that is not in it. README's metrics table is generated from it (``metrics_reference``; a test keeps
+it current). Every line also has ``step``. On resume the lines after the resumed step are dropped first, so the
+file always describes one consistent run.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from kd_pipeline.engine.collectives import MAX, SUM, all_reduce_floats
 
-def _all_reduce(values: dict[str, float], world_size: int, op) -> dict[str, float]:
-    """One all-reduce with ``op`` for all of ``values`` (keys in sorted order on every rank); fp64 so that token
-    counts and sums stay exact."""
-    if world_size == 1 or not values:
-        return {key: float(value) for key, value in values.items()}
+ALL_STAGES = "sft, kd_sft, minillm"
+SUPERVISED = "sft, kd_sft"
+
+
+@dataclass(frozen=True)
+class Metric:
+    group: str    # TensorBoard group: train, val or stage2
+    stages: str   # the run.stage values whose lines carry it
+    meaning: str
+
+
+METRICS: dict[str, Metric] = {
+    "loss": Metric("train", ALL_STAGES, "the optimised objective, averaged over the step's micro-batches and ranks"),
+    "ce": Metric("train", SUPERVISED, "student cross-entropy per supervised token (global token mean of the step)"),
+    "kd": Metric("train", "kd_sft", "tau^2 KL(p_T ‖ p_S) per supervised token (global token mean of the step)"),
+    "align": Metric("train", "kd_sft, minillm", "feature alignment ½‖z_T − P(z_S)‖² per image token"),
+    "pg_loss": Metric("train", "minillm", "PPO-clipped long-term policy-gradient term"),
+    "single_step_loss": Metric("train", "minillm", "single-step term: exact reverse KL per response token"),
+    "pt_loss": Metric("train", "minillm", "D_PT loss (1 - kd_ratio) LM + kd_ratio KD (absent when pt_weight is 0)"),
+    "rev_kl": Metric("stage2", "minillm",
+                     "exact reverse KL(q ‖ p) per response token of the step, token-weighted over ranks"),
+    "clip_frac": Metric("stage2", "minillm", "share of the step's response tokens where PPO's clip is active"),
+    "reward": Metric("stage2", "minillm", "log p - log q per token of the latest rollout round, all ranks"),
+    "w_mean": Metric("stage2", "minillm", "token-weighted mean importance weight of the latest round, all ranks"),
+    "w_max": Metric("stage2", "minillm", "largest importance weight of the latest round on any rank (all-reduce MAX)"),
+    "len_mixed": Metric("stage2", "minillm", "mean length of the latest round's teacher-mixed rollouts"),
+    "lr": Metric("train", ALL_STAGES, "learning rate after the step"),
+    "tokens_per_s": Metric("train", ALL_STAGES,
+                           "tokens through the student per second of the step, all ranks (stage 2: rollout "
+                           "sequences and D_PT batches)"),
+    "data_wait_frac": Metric("train", ALL_STAGES, "share of the step spent waiting for the loaders"),
+    "step_time_s": Metric("train", ALL_STAGES, "seconds of the step (stage 2: with any rollout round collected in it)"),
+    "val_loss": Metric("val", ALL_STAGES,
+                       "validation objective that picks `best`: token-weighted loss on the val split (sft, kd_sft); "
+                       "exact reverse KL per token of student-only answers (minillm)"),
+    "val_ce": Metric("val", SUPERVISED, "cross-entropy per supervised val token"),
+    "val_kd": Metric("val", "kd_sft", "tau^2 KL(p_T ‖ p_S) per supervised val token"),
+    "val_align": Metric("val", "kd_sft", "feature alignment per image token on the val split"),
+    "val_rev_kl_seq": Metric("val", "minillm", "reverse KL summed per student-only answer, averaged over answers"),
+    "val_len_student": Metric("val", "minillm", "mean length of the student-only validation answers"),
+}
+
+# Shown on the progress bar when present (the full record goes to metrics.jsonl and TensorBoard).
+PROGRESS_KEYS = ("loss", "ce", "kd", "align", "pg_loss", "rev_kl", "pt_loss", "reward", "val_loss", "tokens_per_s",
+                 "data_wait_frac")
+
+
+def tensorboard_tag(name: str) -> str:
+    """``val_ce`` -> ``val/ce``, ``w_max`` -> ``stage2/w_max``, ``loss`` -> ``train/loss``."""
+    group = METRICS[name].group
+    return f"{group}/{name.removeprefix('val_') if group == 'val' else name}"
+
+
+def metrics_reference() -> str:
+    """README's metrics.jsonl table, from ``METRICS`` (meanings must not contain a bare ``|``)."""
+    lines = ["| key | stages | TensorBoard | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{name}` | {metric.stages} | `{tensorboard_tag(name)}` | {metric.meaning} |"
+              for name, metric in METRICS.items()]
+    return "\n".join(lines)
+
+
+def _all_reduce(values: dict[str, float], op) -> dict[str, float]:
+    """One all-reduce with ``op`` for all of ``values`` (keys in sorted order on every rank)."""
     keys = sorted(values)
-    packed = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        packed = packed.cuda()
-    dist.all_reduce(packed, op=op)
-    return {key: float(value) for key, value in zip(keys, packed.tolist())}
+    return dict(zip(keys, all_reduce_floats([values[key] for key in keys], op)))
 
 
-def reduce_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
+def reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sum scalar metrics over ranks."""
-    return _all_reduce(values, world_size, dist.ReduceOp.SUM)
+    return _all_reduce(values, SUM)
 
 
 def reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    """Average scalar metrics over ranks (each rank weighs the same)."""
-    return {key: value / world_size for key, value in reduce_sum(values, world_size).items()}
+    """Average scalar metrics over the ``world_size`` ranks (each rank weighs the same)."""
+    return {key: value / world_size for key, value in reduce_sum(values).items()}
 
 
-def reduce_max(values: dict[str, float], world_size: int) -> dict[str, float]:
+def reduce_max(values: dict[str, float]) -> dict[str, float]:
     """Maximum of scalar metrics over ranks (a mean of per-rank maxima would hide one rank's outlier)."""
-    return _all_reduce(values, world_size, dist.ReduceOp.MAX)
+    return _all_reduce(values, MAX)
 
 
 class MetricsLogger:
@@ -58,7 +113,6 @@ class MetricsLogger:
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self._last = time.perf_counter()
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -68,20 +122,23 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, record: dict[str, float]) -> None:
+        unknown = sorted(set(record) - set(METRICS))
+        if unknown:  # on every rank: a new name must be added to the vocabulary (and README) first
+            raise KeyError(f"metrics {unknown} are not in kd_pipeline.engine.metrics.METRICS: add each with its "
+                           f"group, stages and meaning")
         if not self.enabled:
             return
-        line = {"step": step, **{key: round(value, 8) if isinstance(value, float) else value
-                                 for key, value in record.items()}}
+        line = {"step": step, **{key: round(float(value), 8) for key, value in record.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(line) + "\n")
         for key, value in record.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(tensorboard_tag(key), float(value), step)
 
-    def progress(self, step: int, shown: dict[str, float]) -> None:
+    def progress(self, step: int, record: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items()}, refresh=False)
+        shown = {key: f"{record[key]:.4g}" for key in PROGRESS_KEYS if key in record}
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -18,38 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kd_pipeline.data.packing import forward_batch
-from kd_pipeline.losses import FeatureProjector, alignment_loss, fused_stage1_loss, fused_token_kl, token_kl
+from kd_pipeline.losses import (FeatureProjector, alignment_loss, combine_stage1, fused_stage1_loss, fused_token_kl,
+                                stage1_kd_terms, token_mean_ce)
+from kd_pipeline.models import hidden_and_features
 from kd_pipeline.models import unwrap_model as unwrap_llava
 from kd_pipeline.prompts import IGNORE_INDEX
 
 
 def _is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
-
-
-def llava_hidden_and_features(llava: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward through vision tower, projector and LLM, without the LM head.
-
-    Returns the final hidden states ``(B, L, H)`` and the projector outputs z(x) ``(N_img, T_img, H)`` (paper eq. 4;
-    ``image_outputs.pooler_output`` is where transformers 5 keeps them). A text-only batch (N_img = 0) still runs
-    the tower and projector on one blank image and returns those features with N_img = 0 rows selected: under
-    ZeRO-3 every rank must gather the same modules in the same order, and a rank whose batch happens to have no
-    image would otherwise skip the tower's collectives and hang its peers (LLaVA runs a dummy image for the same
-    reason). The zero-row slice keeps the graph connected, so the projector gets exact zero gradients.
-    """
-    core = unwrap_llava(llava)
-    pixel_values = batch.get("pixel_values")
-    if pixel_values is not None and pixel_values.shape[0] == 0:
-        pixel_values = None
-    output = forward_batch(core.model, batch, pixel_values=pixel_values)  # padded or packed (data/packing.py)
-    if output.image_outputs is not None:
-        return output.last_hidden_state, torch.stack(list(output.image_outputs.pooler_output))  # (N_img, T_img, H)
-    size = core.config.vision_config.image_size
-    blank = output.last_hidden_state.new_zeros(1, 3, size, size)  # (1, 3, S, S)
-    dummy = core.model.get_image_features(pixel_values=blank, vision_feature_layer=core.config.vision_feature_layer,
-                                          vision_feature_select_strategy=core.config.vision_feature_select_strategy)
-    return output.last_hidden_state, torch.stack(list(dummy.pooler_output))[:0]  # (0, T_img, H)
 
 
 @dataclass
@@ -81,10 +58,11 @@ class TeacherModule(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, features); a plain tuple so ZeRO-3's hooks can see the tensors (see ``run_teacher``)."""
         self.forward_count += 1
-        return llava_hidden_and_features(self.llava, batch)
+        return hidden_and_features(self.llava, batch)
 
 
 def run_teacher(teacher_engine, batch: dict) -> TeacherOutputs:
+    """The teacher engine's forward (collective under ZeRO-3) with its gathered LM head."""
     hidden, features = teacher_engine(batch)
     return TeacherOutputs(hidden, features, teacher_engine.module.head_weight)
 
@@ -140,62 +118,54 @@ class StudentModule(nn.Module):
         raise ValueError(f"unknown StudentModule mode {mode!r}")
 
     def supervised_terms(self, batch: dict, teacher: TeacherOutputs | None = None,
-                         settings: LossSettings = LossSettings()) -> dict[str, torch.Tensor]:
+                         settings: LossSettings = LossSettings(),
+                         token_count: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Stage-1 objective (paper eq. 1-5); with no teacher it is plain supervised fine-tuning (``sft``).
 
-        Returns ``loss`` and each term: ``ce``, and with a teacher ``kd`` (already times tau^2) and ``align``.
+        ``token_count`` divides the token sums of ``ce`` and ``kd`` (default: this batch's supervised tokens; the
+        training loop passes the step's global count, see ``losses/stage1.py``). Returns ``loss`` and each term:
+        ``ce``, and with a teacher ``kd`` (already times tau^2) and ``align``.
         """
-        hidden, features = llava_hidden_and_features(self.llava, batch)  # (B, L, Hs), (N_img, T_img, Hs)
+        hidden, features = hidden_and_features(self.llava, batch)  # (B, L, Hs), (N_img, T_img, Hs)
         targets = batch["labels"][:, 1:]  # (B, L-1)
-        student_hidden = hidden[:, :-1]  # (B, L-1, Hs)
         supervised = targets != IGNORE_INDEX  # (B, L-1)
-        count = supervised.sum().clamp(min=1)
-        weight = self.head_weight
-        terms: dict[str, torch.Tensor] = {}
-        student_rows = student_hidden[supervised]  # (N_sup, Hs)
+        count = supervised.sum().clamp(min=1) if token_count is None else token_count
+        student_rows = hidden[:, :-1][supervised]  # (N_sup, Hs)
         row_targets = targets[supervised]  # (N_sup,)
         if teacher is None:
-            logits = student_rows.float() @ weight.float().T  # (N_sup, V)
-            logprob = torch.log_softmax(logits, dim=-1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-            terms["ce"] = -logprob.sum() / count
-            terms["loss"] = terms["ce"] + features.sum() * 0.0  # text-only batch: zero projector gradients
-            return terms
-
+            ce = token_mean_ce(student_rows.float() @ self.head_weight.float().T, row_targets, token_count=count)
+            return {"ce": ce, "loss": ce + features.sum() * 0.0}  # text-only batch: zero projector gradients
         teacher_rows = teacher.hidden[:, :-1][supervised]  # (N_sup, Ht)
-        temperature = settings.temperature
         if settings.fused:
             # Per-token weights are known here (alpha tau^2 / count on KL, -(1 - alpha) / count on log q), so the
             # fused loss forms the gradients inside its forward: no logits recomputation in backward.
-            fused = fused_stage1_loss(student_rows, weight, teacher_rows, teacher.head_weight, row_targets,
-                                      temperature=temperature, alpha_kd=settings.alpha_kd, token_count=count,
-                                      chunk_size=settings.chunk_size)
-            terms["kd"], terms["ce"], loss = fused["kd"], fused["ce"], fused["loss"]
+            terms = fused_stage1_loss(student_rows, self.head_weight, teacher_rows, teacher.head_weight, row_targets,
+                                      temperature=settings.temperature, alpha_kd=settings.alpha_kd,
+                                      token_count=count, chunk_size=settings.chunk_size)
         else:
-            student_logits = student_rows.float() @ weight.float().T  # (N_sup, V)
-            teacher_logits = teacher_rows.float() @ teacher.head_weight.float().T  # (N_sup, Vt)
-            kl = token_kl(student_logits, teacher_logits, direction="forward", temperature=temperature)
-            target_logprob = torch.log_softmax(student_logits, -1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-            terms["kd"] = temperature ** 2 * kl.sum() / count
-            terms["ce"] = -target_logprob.sum() / count
-            loss = settings.alpha_kd * terms["kd"] + (1.0 - settings.alpha_kd) * terms["ce"]
-        terms["align"], loss = self._add_alignment(loss, features, teacher.features, settings.align_weight)
-        terms["loss"] = loss
+            terms = stage1_kd_terms(student_rows.float() @ self.head_weight.float().T,  # (N_sup, V)
+                                    teacher_rows.float() @ teacher.head_weight.float().T,  # (N_sup, Vt)
+                                    row_targets, temperature=settings.temperature, token_count=count)
+            terms["loss"] = combine_stage1(terms["kd"], terms["ce"], settings.alpha_kd)
+        terms["align"], terms["loss"] = self._add_alignment(terms["loss"], features, teacher.features,
+                                                            settings.align_weight)
         return terms
 
     def minillm_terms(self, rollout: dict, rollout_teacher: TeacherOutputs, pt_batch: dict | None,
                       pt_teacher: TeacherOutputs | None, policy: PolicySettings,
                       pt_settings: LossSettings, pt_weight: float) -> dict[str, torch.Tensor]:
         """Stage 2 on one micro-batch (paper eq. 10): PPO-clipped long-term term + single-step reverse KL +
-        pt_weight x PT loss + lambda_align x alignment.
+        pt_weight x PT loss (only when ``pt_batch`` is given) + lambda_align x alignment.
 
         ``rollout`` holds the prompt+response sequences (``input_ids``/``attention_mask``/``position_ids``
         (B, P+T), ``pixel_values``) and per response token (B, T): ``response_mask``, ``old_logprob``,
         ``advantages``, ``weights``. ``rollout_teacher.hidden`` is the teacher's (B, T, Ht) at the positions that
-        predict the response tokens (cached once per rollout round).
+        predict the response tokens (cached once per rollout round). Returns ``loss``, ``pg_loss``,
+        ``single_step_loss``, ``align``, ``clip_frac`` (detached) and, with a PT batch, ``pt_loss``.
         """
         from kd_pipeline.losses.minillm import policy_gradient_loss, policy_loss_share, single_step_loss
 
-        hidden, features = llava_hidden_and_features(self.llava, rollout)  # (B, P+T, Hs)
+        hidden, features = hidden_and_features(self.llava, rollout)  # (B, P+T, Hs)
         response = rollout["response_tokens"]  # (B, T)
         mask = rollout["response_mask"].bool()  # (B, T)
         prompt_length = rollout["input_ids"].shape[1] - response.shape[1]
@@ -212,7 +182,7 @@ class StudentModule(nn.Module):
         single = single_step_loss(reverse_kl, mask)
         loss = pg_loss + policy.single_step_weight * single
         align, loss = self._add_alignment(loss, features, rollout_teacher.features, policy.align_weight)
-        terms = {"pg_loss": pg_loss, "single_step_loss": single, "align_loss": align, "clip_frac": clip_frac}
+        terms = {"pg_loss": pg_loss, "single_step_loss": single, "align": align, "clip_frac": clip_frac}
         if pt_batch is not None:
             # supervised_terms with alpha_kd = kd_ratio and tau = 1 is exactly (1 - kd_ratio) LM + kd_ratio KD
             # (MiniLLM's PT loss); its "loss" carries the gradient (the fused path returns kd/ce detached).

@@ -20,8 +20,9 @@ import signal
 import sys
 import time
 
-import torch
 import torch.distributed as dist
+
+from kd_pipeline.engine.collectives import MAX, all_reduce_floats
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,7 @@ class StopController:
         """Collective: every rank must call this at the same step boundary."""
         if self.requested_by is None and self.deadline is not None and time.time() >= self.deadline:
             self.requested_by = "job end time"
-        flag = torch.tensor([1 if self.requested_by else 0], dtype=torch.int64)
-        if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
+        stop = all_reduce_floats([1.0 if self.requested_by else 0.0], MAX)[0] > 0
         if stop:
             log.warning("stop requested (%s): saving a checkpoint and exiting with code %d (resume me)",
                         self.requested_by or "another rank", RESUME_EXIT_CODE)

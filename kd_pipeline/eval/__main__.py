@@ -155,14 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(run_argv: list[str]) -> int:
-    try:
-        run_module = importlib.import_module(RUN_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != RUN_MODULE:
-            raise
-        print(f"error: the `run` command (benchmark generation) is not available: module {RUN_MODULE} "
-              f"({RUN_MODULE.replace('.', '/')}.py) does not exist in this checkout", file=sys.stderr)
-        return 2
+    run_module = importlib.import_module(RUN_MODULE)  # imported here: it pulls in torch and the models
     return int(run_module.main(run_argv) or 0)
 
 

@@ -60,6 +60,7 @@ from kd_pipeline.eval.referring import score_referring
 from kd_pipeline.eval.report import write_report
 from kd_pipeline.eval.scene import score_scene
 from kd_pipeline.eval.vqa import score_vqa
+from kd_pipeline.fileio import write_atomic
 from kd_pipeline.runtime import cuda_device_index, discover_ranks, export_rendezvous
 
 logger = logging.getLogger(__name__)
@@ -264,10 +265,7 @@ def merge_answers(answers_dir: Path, task: str, questions: Sequence[Mapping[str,
     ordered = [by_id[question_id] for question_id in question_ids if question_id in by_id]
     others = [record for question_id, record in by_id.items() if question_id not in wanted]
     merged_path = answers_dir / f"{task}.jsonl"
-    temporary = merged_path.with_suffix(".jsonl.tmp")
-    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered + others),
-                         encoding="utf-8")
-    os.replace(temporary, merged_path)
+    write_atomic(merged_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered + others))
     for path in files:
         if path != merged_path:
             path.unlink()

@@ -23,9 +23,8 @@ from kd_pipeline.losses.stage1 import (
     combine_stage1,
     fused_stage1_loss,
     stage1_kd_terms,
+    token_mean_ce,
 )
-
-# Stage-2 (MiniLLM) exports go here, from kd_pipeline.losses.minillm, once that module lands.
 
 __all__ = [
     "FeatureProjector",
@@ -40,4 +39,5 @@ __all__ = [
     "stage1_kd_terms",
     "target_logprob",
     "token_kl",
+    "token_mean_ce",
 ]

@@ -11,9 +11,11 @@
 
 Labels are aligned with the logits positions by the caller (the caller shifts); -100 marks tokens
 without supervision. Means divide by the number of supervised tokens of the batch, or by a
-`token_count` the caller passes (the global count over gradient-accumulation steps and ranks keeps
-the mean exact, as torchtune's chunked loss does). An all-ignored batch gives 0 with zero
-gradients, never NaN.
+`token_count` the caller passes: the training loop passes the step's global count of supervised
+tokens over gradient-accumulation steps and ranks (divided by both, which DeepSpeed's averaging
+multiplies back), so a step's gradient is the exact token mean whatever the split, as torchtune
+does. The alignment term stays a mean over each micro-batch's image tokens. An all-ignored batch
+gives 0 with zero gradients, never NaN.
 
 `stage1_kd_terms` is the plain form on full logits (the reference); `fused_stage1_loss` computes the
 same mix from hidden states chunk by chunk (`kd_pipeline.losses.fused`) and is the default for
@@ -35,11 +37,33 @@ def _check_alpha(alpha_kd: float) -> None:
         raise ValueError(f"alpha_kd={alpha_kd!r} must lie in [0, 1] (weight of the KD term)")
 
 
-def _supervised_count(supervised: torch.Tensor, token_count: torch.Tensor | int | None):
-    """Denominator of the token means: the given count, else this batch's count, at least 1."""
+def _supervised_count(supervised: torch.Tensor, token_count: torch.Tensor | float | None):
+    """Denominator of the token means: the given count (a global count divided by the number of micro-batches may be
+    below 1), else this batch's count; 1 when it is 0, so an all-ignored batch gives 0."""
     if token_count is None:
         return supervised.sum().clamp(min=1)
-    return torch.as_tensor(token_count, device=supervised.device).clamp(min=1)
+    count = torch.as_tensor(token_count, dtype=torch.float32, device=supervised.device)
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def token_mean_ce(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    token_count: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Cross-entropy -log q(label) per supervised token, from full logits (``sft``'s loss).
+
+    Args:
+        student_logits: (..., V) logits; labels: (...) aligned target ids, ignore_index = unsupervised.
+        token_count: denominator; default: supervised tokens in this batch.
+
+    Returns:
+        fp32 scalar; 0 with zero gradient when nothing is supervised.
+    """
+    count = _supervised_count(labels != ignore_index, token_count)
+    return -target_logprob(student_logits, labels, ignore_index=ignore_index).sum() / count
 
 
 def stage1_kd_terms(
@@ -49,7 +73,7 @@ def stage1_kd_terms(
     *,
     temperature: float,
     ignore_index: int = IGNORE_INDEX,
-    token_count: torch.Tensor | int | None = None,
+    token_count: torch.Tensor | float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Word-level KD and cross-entropy on supervised tokens, from full logits (plain form).
 
@@ -73,7 +97,7 @@ def stage1_kd_terms(
     kl = token_kl(student_logits, teacher_logits, direction="forward", temperature=temperature)  # (B, T)
     # where(), not a product: an ignored position must not leak a non-finite KL into the sum
     kd = temperature**2 * torch.where(supervised, kl, 0.0).sum() / count
-    ce = -target_logprob(student_logits, labels, ignore_index=ignore_index).sum() / count
+    ce = token_mean_ce(student_logits, labels, ignore_index=ignore_index, token_count=count)
     return {"kd": kd, "ce": ce}
 
 
@@ -93,7 +117,7 @@ def fused_stage1_loss(
     temperature: float,
     alpha_kd: float,
     ignore_index: int = IGNORE_INDEX,
-    token_count: torch.Tensor | int | None = None,
+    token_count: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.utils import is_flash_attn_2_available
 
 from kd_pipeline.config import ModelConfig
+from kd_pipeline.data.packing import forward_batch
 from kd_pipeline.errors import UserError
 from kd_pipeline.models.layout import llava_layout, unwrap_model
 from kd_pipeline.models.lora import apply_lora
@@ -97,6 +98,15 @@ def llava_config(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int
                        image_seq_length=num_image_tokens(model_cfg), projector_hidden_act="gelu",
                        multimodal_projector_bias=True, vision_feature_layer=-2,
                        vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+def llm_hidden_size(model_cfg: ModelConfig) -> int:
+    """The LLM hidden size of ``model_cfg.arch`` (a preset's, or the tiny ``hidden_size``) without building a config."""
+    if model_cfg.arch in LLM_PRESETS:
+        return LLM_PRESETS[model_cfg.arch].hidden_size
+    if model_cfg.arch == "tiny":
+        return model_cfg.hidden_size
+    raise ModelError(f"unknown arch {model_cfg.arch!r} (tiny, geochat-7b or geochat-13b)")
 
 
 def select_attn_implementation(requested: str) -> str:
@@ -238,6 +248,30 @@ def projector_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Te
     llava = unwrap_model(model)
     image_outputs = llava.get_image_features(pixel_values=pixel_values, return_dict=True)
     return _stack_image_features(image_outputs)
+
+
+def hidden_and_features(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward through vision tower, projector and LLM, without the LM head (the losses apply it in chunks).
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, optional ``position_ids`` and ``pixel_values``, padded or
+    packed (``data.packing.forward_batch`` keeps packed samples apart). Returns the
+    final hidden states ``(B, L, H)`` and z(x) ``(N_img, T_img, H)``. A text-only batch (no or zero-row
+    ``pixel_values``) still runs the tower and projector on one blank image and returns its features with N_img = 0
+    rows selected: under ZeRO-3 every rank must gather the same modules in the same order, and a rank whose batch
+    happens to have no image would otherwise skip the tower's collectives and hang its peers (LLaVA runs a dummy
+    image for the same reason). The zero-row slice keeps the graph connected, so the projector gets exact zero
+    gradients.
+    """
+    llava = unwrap_model(model)
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is not None and pixel_values.shape[0] == 0:
+        pixel_values = None
+    output = forward_batch(llava.model, batch, pixel_values=pixel_values)  # padded or packed (data/packing.py)
+    if output.image_outputs is not None:
+        return output.last_hidden_state, _stack_image_features(output.image_outputs)
+    size = llava.config.vision_config.image_size
+    blank = output.last_hidden_state.new_zeros(1, 3, size, size)  # (1, 3, S, S)
+    return output.last_hidden_state, projector_features(llava, blank)[:0]  # (0, T_img, H)
 
 
 def forward_with_features(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,

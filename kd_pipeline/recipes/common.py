@@ -1,13 +1,20 @@
-"""What both recipes share: moving batches, agreeing on the resume point, and the checkpoint call.
+"""What both recipes share: the session they set up before their loop, the end-of-step policy, the step's clock.
 
-Resuming, in order (both recipes)::
+A recipe reads top to bottom as setup, then the loop::
 
-    resume = prepare_resume(config, runtime)      # before the engines: pick the checkpoint, convert if needed
-    config = resume.config                        # checkpoint.universal resolved: the DeepSpeed config follows it
-    engines = build_engines(config, runtime)
-    if resume.folder is not None:
-        state, rank_state = load_resume(engines, resume, runtime)
+    session = open_session(config, runtime)        # resume point -> engines -> progress -> outputs
+    loaders = ...(session.loader_state("train"))   # loaders before the RNG states: building them draws no numbers
+    session.restore_rng()
+    end_of_step = StepEnd(session, validate=..., save=...)
+    for step in range(session.state.step + 1, config.train.max_steps + 1):
+        record = <one optimizer step>
+        session.state.step = step
+        if end_of_step(record):
+            break                                  # saved; exit RESUME_EXIT_CODE
+    return session.close(stopped)
 
+Resuming (``prepare_resume``, inside ``open_session``): rank 0 picks the checkpoint and every rank uses its choice;
+``progress.check_resume`` refuses a checkpoint of another stage, ZeRO stage or student shape before any model loads.
 A checkpoint saved by another number of ranks (``trainer_state.json``'s world size) is loaded through DeepSpeed's
 universal format when ``checkpoint.universal`` is ``auto`` (the default) or ``always``; ``never`` refuses it. The
 loaders then re-partition the rest of the epoch by their documented rule (``data/state.py``), and the RNG streams
@@ -17,18 +24,27 @@ restart from ``run.seed + rank`` (per-rank streams of another world size cannot 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from kd_pipeline import checkpoint as ckpt
-from kd_pipeline.config import Config
-from kd_pipeline.prompts import IGNORE_INDEX
-from kd_pipeline.runtime import Runtime, capture_rng_state
+from kd_pipeline.config import Config, config_to_dict
+from kd_pipeline.data import load_loader_state
+from kd_pipeline.engine.build import Engines, build_engines
+from kd_pipeline.engine.collectives import MAX, all_reduce_floats
+from kd_pipeline.engine.ds_config import load_ds_json, zero_stage
+from kd_pipeline.engine.metrics import MetricsLogger, reduce_sum
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController, install_failure_report
+from kd_pipeline.progress import ResumeCheck, check_resume
+from kd_pipeline.runtime import Runtime, capture_rng_state, restore_rng_state, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +65,12 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return moved
 
 
-def supervised_count(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def detached(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss terms as plain floats for logging (detached first: no autograd warning, no graph kept alive)."""
+    return {name: float(value.detach()) for name, value in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- resume
 
 
 def agree_on_resume(config: Config, runtime: Runtime) -> Path | None:
@@ -69,10 +89,12 @@ class ResumePoint:
     folder: Path | None          # the chosen checkpoint: trainer state, rank files and loader states are read here
     engine_folder: Path | None   # what DeepSpeed loads: ``folder``, or its ``<tag>_universal`` sibling
     config: Config               # the run config with checkpoint.universal resolved to "always" or "never"
+    check: ResumeCheck | None = None  # what ``progress.check_resume`` carried over (None on a fresh start)
 
 
 def prepare_resume(config: Config, runtime: Runtime) -> ResumePoint:
-    """Choose the checkpoint (rank 0 verifies it, all ranks use its choice) and decide how DeepSpeed loads it.
+    """Choose the checkpoint (rank 0 verifies it, all ranks use its choice), check it against the config and decide
+    how DeepSpeed loads it.
 
     Collective; call it before ``build_engines`` so that the returned config's ``checkpoint.universal`` reaches the
     student's DeepSpeed config (``load_universal``). When a conversion is needed, rank 0 runs it while the others
@@ -80,8 +102,9 @@ def prepare_resume(config: Config, runtime: Runtime) -> ResumePoint:
     """
     folder = agree_on_resume(config, runtime)
     choice = config.checkpoint.universal
-    universal = False
+    universal, check = False, None
     if folder is not None:
+        check = check_resume(folder, config, zero_stage(load_ds_json(config.deepspeed.config)))
         saved_world_size = ckpt.load_trainer_state(folder).world_size
         changed = saved_world_size != runtime.world_size
         if changed and choice == "never":
@@ -96,7 +119,7 @@ def prepare_resume(config: Config, runtime: Runtime) -> ResumePoint:
     resolved = dataclasses.replace(config, checkpoint=dataclasses.replace(
         config.checkpoint, universal="always" if universal else "never"))
     engine_folder = _convert_on_rank0(folder, runtime) if universal else folder
-    return ResumePoint(folder=folder, engine_folder=engine_folder, config=resolved)
+    return ResumePoint(folder=folder, engine_folder=engine_folder, config=resolved, check=check)
 
 
 def _convert_on_rank0(folder: Path, runtime: Runtime) -> Path:
@@ -115,13 +138,7 @@ def _convert_on_rank0(folder: Path, runtime: Runtime) -> Path:
     worker = threading.Thread(target=convert, name="ds_to_universal", daemon=True) if runtime.is_main else None
     if worker is not None:
         worker.start()
-    while True:
-        done = torch.tensor([1 if worker is not None and not worker.is_alive() else 0], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            done = done.cuda()
-        dist.all_reduce(done, op=dist.ReduceOp.MAX)
-        if done.item():
-            break
+    while not all_reduce_floats([1.0 if worker is not None and not worker.is_alive() else 0.0], MAX)[0]:
         time.sleep(CONVERSION_POLL_SECONDS)
     box = [outcome]
     dist.broadcast_object_list(box, src=0)
@@ -130,9 +147,9 @@ def _convert_on_rank0(folder: Path, runtime: Runtime) -> Path:
     return Path(box[0]["path"])
 
 
-def load_resume(engines, resume: ResumePoint, runtime: Runtime) -> tuple[ckpt.TrainerState, dict | None]:
+def load_resume(engines: Engines, resume: ResumePoint, runtime: Runtime) -> tuple[ckpt.TrainerState, dict | None]:
     """Load the student engine (module, ZeRO optimizer state, LR scheduler) and return the trainer state and this
-    rank's saved state (RNG, recipe extras), the latter ``None`` when the world size changed."""
+    rank's saved state (RNG, recipe progress), the latter ``None`` when the world size changed."""
     load_path, _ = engines.student.load_checkpoint(
         str(resume.engine_folder.parent), tag=resume.engine_folder.name, load_optimizer_states=True,
         load_lr_scheduler_states=True)
@@ -149,46 +166,147 @@ def load_resume(engines, resume: ResumePoint, runtime: Runtime) -> tuple[ckpt.Tr
     return state, rank_state
 
 
-def write_partition_report(engines, output_dir: Path, rank: int) -> None:
-    """``engine_rank{r}.json``: this rank's share of each engine's parameters after training (the test of ZeRO-3
-    partitioning and of a teacher with no gradients and no optimizer reads it; operators can too)."""
-    import json
-
-    from kd_pipeline.engine.build import partition_report
-
-    report = {"student": partition_report(engines.student)}
-    if engines.teacher is not None:
-        report["teacher"] = {**partition_report(engines.teacher),
-                             "forward_count": engines.teacher.module.forward_count}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"engine_rank{rank}.json").write_text(json.dumps(report, indent=1))
+# ----------------------------------------------------------------------------------------------------- session
 
 
-def start_outputs(config: Config, runtime: Runtime, start_step: int):
-    """Write the resolved config beside the outputs and open metrics and the stop controller.
-    Returns (config_yaml, MetricsLogger, StopController)."""
-    import yaml
+@dataclasses.dataclass
+class Session:
+    """What a recipe set up before its loop (``open_session``)."""
+    config: Config                 # checkpoint.universal resolved
+    runtime: Runtime
+    engines: Engines
+    state: ckpt.TrainerState       # the global progress (saved in every checkpoint)
+    resume: ResumePoint
+    rank_state: dict | None        # this rank's saved RNG and recipe progress; None fresh or after a world change
+    config_yaml: str               # the resolved config, as written beside the outputs and into checkpoints
+    metrics: MetricsLogger
+    stopper: StopController
 
-    from kd_pipeline.config import config_to_dict
-    from kd_pipeline.engine.metrics import MetricsLogger
-    from kd_pipeline.engine.stopping import StopController
+    @property
+    def new_round(self) -> bool:
+        """Stage 2: the saved partial round must be dropped (``progress.check_resume``)."""
+        return self.resume.check is not None and self.resume.check.new_round
 
+    def loader_state(self, name: str):
+        return load_loader_state(self.resume.folder, name) if self.resume.folder else None
+
+    def restore_rng(self) -> None:
+        """After the loaders are built: the saved RNG streams, or fresh per-rank ones."""
+        if self.rank_state is not None:
+            restore_rng_state(self.rank_state["rng"])
+        else:
+            seed_everything(self.config.run.seed + self.runtime.rank)
+
+    def save(self, loaders: dict, extra: dict | None = None) -> str:
+        """Checkpoint now (collective): RNG states and ``extra`` per rank, every loader's state per rank."""
+        return ckpt.save_checkpoint(
+            self.engines.student, Path(self.config.run.output_dir) / "checkpoints", self.state,
+            rank=self.runtime.rank, world_size=self.runtime.world_size,
+            rank_state={"rng": capture_rng_state(), **(extra or {})}, config_yaml=self.config_yaml,
+            keep_last=self.config.checkpoint.keep_last,
+            loader_states={name: loader.state_dict() for name, loader in loaders.items()})
+
+    def close(self, stopped: bool) -> int:
+        """Close the outputs, write ``engine_rank{r}.json`` and return the exit code."""
+        self.metrics.close()
+        output_dir = Path(self.config.run.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        report = json.dumps(self.engines.partition_report(), indent=1)
+        (output_dir / f"engine_rank{self.runtime.rank}.json").write_text(report)
+        return RESUME_EXIT_CODE if stopped else 0
+
+
+def open_session(config: Config, runtime: Runtime, *, init_from: bool = False) -> Session:
+    """Resume point (before the engines: their DeepSpeed config follows its choice), engines (identical
+    initialisation on every rank; with ``init_from`` a fresh run starts from ``run.init_from``'s weights), the
+    progress (loaded when resuming), then the outputs (resolved config, metrics, stop controller)."""
+    resume = prepare_resume(config, runtime)
+    config = resume.config
+    seed_everything(config.run.seed)
+    init_weights = ckpt.resolve_init_from(config.run.init_from) if init_from and resume.folder is None else None
+    engines = build_engines(config, runtime, init_weights=init_weights)
+    state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=engines.zero_stage, stage=config.run.stage)
+    rank_state = None
+    if resume.folder is not None:
+        state, rank_state = load_resume(engines, resume, runtime)
+        log.info("resumed %s from %s at step %d", config.run.stage, resume.engine_folder, state.step)
+    install_failure_report(runtime.rank, state)
     output_dir = Path(config.run.output_dir)
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsLogger(output_dir, enabled=runtime.is_main, total_steps=config.train.max_steps,
-                            start_step=start_step)
-    return config_yaml, metrics, StopController(config.run.stop_before_end_minutes)
+                            start_step=state.step)
+    return Session(config=config, runtime=runtime, engines=engines, state=state, resume=resume,
+                   rank_state=rank_state, config_yaml=config_yaml, metrics=metrics,
+                   stopper=StopController(config.run.stop_before_end_minutes))
 
 
-def save(engines, config: Config, runtime: Runtime, state: ckpt.TrainerState, config_yaml: str, *,
-         loaders: dict, extra: dict | None = None) -> str:
-    """Checkpoint now: RNG states and ``extra`` (tensors/plain types) per rank, every loader's state per rank."""
-    rank_payload = {"rng": capture_rng_state(), **(extra or {})}
-    return ckpt.save_checkpoint(
-        engines.student, Path(config.run.output_dir) / "checkpoints", state, rank=runtime.rank,
-        world_size=runtime.world_size, rank_state=rank_payload, config_yaml=config_yaml,
-        keep_last=config.checkpoint.keep_last,
-        loader_states={name: loader.state_dict() for name, loader in loaders.items()})
+# ----------------------------------------------------------------------------------------------------- the step
+
+
+class StepClock:
+    """One optimizer step's clock: time spent waiting for loaders and tokens through the student, reported as
+    ``tokens_per_s`` (all ranks), ``data_wait_frac`` (mean over ranks) and ``step_time_s``."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.tokens = 0
+
+    def next(self, batches: Iterator):
+        """``next(batches)``, timed as data wait."""
+        start = time.perf_counter()
+        item = next(batches)
+        self.data_wait += time.perf_counter() - start
+        return item
+
+    def count(self, batch: dict) -> None:
+        """Count the real (unpadded) tokens of a batch the student runs on."""
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def record(self) -> dict[str, float]:
+        """Collective (one all-reduce)."""
+        elapsed = time.perf_counter() - self.start
+        totals = reduce_sum({"tokens": float(self.tokens), "wait": self.data_wait / elapsed})
+        return {"tokens_per_s": totals["tokens"] / elapsed, "data_wait_frac": totals["wait"] / self.world_size,
+                "step_time_s": elapsed}
+
+
+class StepEnd:
+    """The end-of-step policy of both recipes, in this order:
+
+    1. validate every ``train.eval_every`` steps and at the last step (never with ``train.eval_every=0``); a lower
+       ``val_loss`` than any before makes this step ``best``;
+    2. log the line (every ``run.log_every`` steps, on validation steps and at the last step) and the progress bar;
+    3. stop on a signal or the job's end time (agreed by all ranks), or at ``run.stop_at_step``, which stops once:
+       the run that reaches it stops, a run resumed at or past it continues to ``train.max_steps``;
+    4. save every ``checkpoint.every_steps`` steps, at the last step, when stopping and on a new best.
+
+    ``__call__`` returns True when the loop must stop (the checkpoint is saved; exit ``RESUME_EXIT_CODE``).
+    """
+
+    def __init__(self, session: Session, *, validate: Callable[[], dict[str, float]], save: Callable[[], object]):
+        self.session = session
+        self.validate = validate
+        self.save = save
+        self.start_step = session.state.step
+
+    def __call__(self, record: dict[str, float]) -> bool:
+        config, state, metrics = self.session.config, self.session.state, self.session.metrics
+        step, last = state.step, state.step == config.train.max_steps
+        is_best = False
+        if config.train.eval_every and (step % config.train.eval_every == 0 or last):
+            record.update(self.validate())
+            if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
+                state.best_val_loss, state.best_tag, is_best = record["val_loss"], ckpt.tag_for_step(step), True
+        if step % config.run.log_every == 0 or "val_loss" in record or last:
+            metrics.log(step, record)
+        metrics.progress(step, record)
+        # Signals need the ranks' agreement (collective); the step limit is the same on every rank (config).
+        stop = self.session.stopper.should_stop() or self.start_step < config.run.stop_at_step == step
+        if step % config.checkpoint.every_steps == 0 or last or stop or is_best:
+            self.save()
+        return stop

@@ -2,9 +2,11 @@
 
 One round:
 1. Rollouts: ``minillm.rollouts_per_rank`` prompts per rank are answered by sampling from the teacher-mixed
-   distribution alpha*p + (1-alpha)*q (kd_pipeline/sampling). With ``minillm.gather_params`` both models' ZeRO-3
-   parameters are gathered once for the whole phase (MiniLLM reports ~10x faster than per-token gathers); otherwise
-   generation runs partitioned and every rank runs the same number of decode steps (``sync_ranks``).
+   distribution alpha*p + (1-alpha)*q (kd_pipeline/sampling), decoded ``minillm.rollout_batch_size`` prompts at a
+   time (0: the whole buffer in one decode; sampling/buffer.py) and split back into the loader's micro-batches. With
+   ``minillm.gather_params`` both models' ZeRO-3 parameters are gathered once for the whole phase (MiniLLM reports
+   ~10x faster than per-token gathers); otherwise generation runs partitioned and every rank runs the same number of
+   decode steps (``sync_ranks``).
 2. Scoring, once per round: the teacher runs on prompt+response (its hidden states at the response positions are
    cached for the single-step term), rewards r_t = log p - log q, importance weights (per-step q/p~ or the product),
    and long-term advantages (MiniLLM: discounted return / remaining tokens, whitened across ranks; or the paper's
@@ -20,9 +22,13 @@ so MiniLLM's ratios (>= 64 sequences per step, 4 PPO epochs) are expressible on 
 dropout here: ``student.lora_dropout`` must be 0 (Config refuses otherwise), since dropout would make the PPO ratio
 of new to old log-probabilities differ from 1 even before any update.
 
-Resume is exact mid-round: a checkpoint taken anywhere stores, per rank, the rollout buffer of the current round, the
-position in it, the sampler's generator state, the RNG states and both loaders' states; a resumed run continues the
-same round with the same buffer and reproduces the uninterrupted loss sequence.
+Resume is exact mid-round: a checkpoint taken anywhere stores, per rank, the rollout progress (``progress.py``'s
+``RolloutProgress``: the round's buffer, the position in it, the sampler's generator) with the RNG states and both
+loaders' states, and ``trainer_state.json`` the round index; a resumed run continues the same round with the same
+buffer and reproduces the uninterrupted loss sequence. What a changed config does to a saved round: ``progress.py``.
+
+``minillm.pt_weight=0`` turns the pre-training loss off: no D_PT batch is read, no teacher forward runs for it, and
+``data.pt_shards`` is not needed.
 
 Telemetry: every training line has the loss terms averaged over the step's micro-batches and ranks; ``rev_kl`` (the
 exact per-position reverse KL of the current student, averaged over the step's response TOKENS on all ranks) and
@@ -40,37 +46,25 @@ over answers (by the chain rule an unbiased, Rao-Blackwellised estimate of the s
 from __future__ import annotations
 
 import contextlib
-import logging
-import time
-from pathlib import Path
 
 import torch
 
-from kd_pipeline import checkpoint as ckpt
+from kd_pipeline.checkpoint import TrainerState
 from kd_pipeline.config import Config
-from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader, load_loader_state
-from kd_pipeline.engine.build import Engines, build_engines
-from kd_pipeline.engine.ds_config import zero_stage
+from kd_pipeline.data import build_eval_prompt_loader, build_prompt_loader, build_pt_loader
+from kd_pipeline.engine.build import Engines
 from kd_pipeline.engine.metrics import reduce_max, reduce_mean, reduce_sum
-from kd_pipeline.engine.modules import (LossSettings, PolicySettings, TeacherOutputs, llava_hidden_and_features,
-                                        run_teacher)
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, install_failure_report
+from kd_pipeline.engine.modules import LossSettings, PolicySettings, TeacherOutputs
 from kd_pipeline.losses import fused_token_kl
 from kd_pipeline.losses.minillm import importance_weights, long_term_advantages, token_rewards, whiten
-from kd_pipeline.recipes.common import (load_resume, prepare_resume, save, start_outputs, to_device,
-                                        write_partition_report)
-from kd_pipeline.runtime import Runtime, restore_rng_state, seed_everything
-from kd_pipeline.sampling import gathered_for_decoding, sample_mixed
-
-log = logging.getLogger(__name__)
-
-BUFFER_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "response_tokens", "response_mask",
-               "old_logprob", "advantages", "weights", "teacher_hidden", "teacher_features")
+from kd_pipeline.models import hidden_and_features
+from kd_pipeline.progress import RolloutProgress
+from kd_pipeline.recipes.common import Session, StepClock, StepEnd, detached, open_session, to_device
+from kd_pipeline.runtime import Runtime
+from kd_pipeline.sampling import MixedRollout, decode_in_batches, gathered_for_decoding, sample_mixed
 
 
-def _gathered(engines: Engines, enabled: bool):
-    """Both models' ZeRO-3 parameters gathered once for a whole rollout phase (re-partitioned on exit)."""
-    return gathered_for_decoding(engines.student, engines.teacher) if enabled else contextlib.nullcontext()
+# ----------------------------------------------------------------------------------------------------- rollouts
 
 
 def _sequences(prompts: dict, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -84,77 +78,97 @@ def _sequences(prompts: dict, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
     return batch
 
 
-def _sample(engines: Engines, config: Config, runtime: Runtime, prompts: dict, generator: torch.Generator,
-            mix_alpha: float):
-    pixel_values = prompts.get("pixel_values")
-    return sample_mixed(
-        engines.student.module.llava, engines.teacher.module.llava, prompts["input_ids"], prompts["attention_mask"],
-        pixel_values if pixel_values is not None and pixel_values.shape[0] > 0 else None,
-        mix_alpha=mix_alpha, max_new_tokens=config.minillm.max_new_tokens,
-        eos_token_id=engines.tokenizer.eos_token_id, pad_token_id=engines.tokenizer.pad_token_id,
-        temperature=config.minillm.temperature, top_k=config.minillm.top_k, top_p=config.minillm.top_p,
-        generator=generator, sync_ranks=runtime.world_size > 1, banned_token_ids=(engines.image_token_id,))
+def sample_buffer(engines: Engines, config: Config, runtime: Runtime, prompt_batches: list[dict],
+                  generator: torch.Generator, mix_alpha: float) -> list[MixedRollout]:
+    """One rollout per prompt batch, decoded ``minillm.rollout_batch_size`` rows at a time (sampling/buffer.py)
+    inside ONE parameter gather for the whole phase (``minillm.gather_params``). Both models in eval mode."""
+    settings = config.minillm
+
+    def decode(prompts: dict) -> MixedRollout:
+        return sample_mixed(
+            engines.student_llava, engines.teacher_llava, prompts["input_ids"], prompts["attention_mask"],
+            prompts.get("pixel_values") if prompts.get("pixel_values") is not None
+            and prompts["pixel_values"].shape[0] > 0 else None,
+            mix_alpha=mix_alpha, max_new_tokens=settings.max_new_tokens,
+            eos_token_id=engines.tokenizer.eos_token_id, pad_token_id=engines.tokenizer.pad_token_id,
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator,
+            sync_ranks=runtime.world_size > 1, banned_token_ids=(engines.image_token_id,))
+
+    engines.student.eval()
+    gathered = gathered_for_decoding(engines.student, engines.teacher) if settings.gather_params \
+        else contextlib.nullcontext()
+    with gathered:
+        rollouts = decode_in_batches(prompt_batches, settings.rollout_batch_size, decode,
+                                     pad_token_id=engines.tokenizer.pad_token_id)
+    engines.student.train()
+    return rollouts
+
+
+def score_rollout(engines: Engines, config: Config, prompts: dict, rollout: MixedRollout) -> dict:
+    """One buffer entry: the sequences, the teacher's hidden states at the positions predicting the response (the
+    single-step term's teacher side, cached for the round), rewards -> advantages (not yet whitened) and weights."""
+    settings = config.minillm
+    batch = _sequences(prompts, rollout.tokens, rollout.mask)
+    teacher = engines.teacher_outputs(batch)  # collective under ZeRO-3: same count on every rank
+    length = rollout.tokens.shape[1]
+    rewards = token_rewards(rollout.teacher_logprob, rollout.student_logprob, rollout.mask,
+                            reward_scaling=settings.reward_scaling, reward_clip=settings.reward_clip)
+    gamma = settings.gamma if settings.long_term == "minillm" else 1.0
+    return {**batch, "response_tokens": rollout.tokens, "response_mask": rollout.mask,
+            "old_logprob": rollout.student_logprob,
+            "advantages": long_term_advantages(rewards, rollout.mask, variant=settings.long_term, gamma=gamma),
+            "weights": importance_weights(rollout.student_logprob, rollout.mixed_logprob, rollout.mask,
+                                          mode=settings.weights, clip=settings.weight_clip or None),
+            "teacher_hidden": teacher.hidden[:, -length - 1:-1].contiguous(),  # (B, T, Ht)
+            "teacher_features": teacher.features}
+
+
+def _whiten_advantages(buffer: list[dict]) -> None:
+    """MiniLLM whitens the advantages over every valid token of the round, on all ranks (collective)."""
+    flat = torch.cat([entry["advantages"][entry["response_mask"].bool()] for entry in buffer])
+    flat = whiten(flat[None], torch.ones_like(flat, dtype=torch.bool)[None], distributed=True)[0]
+    offset = 0
+    for entry in buffer:
+        valid = entry["response_mask"].bool()
+        entry["advantages"] = torch.zeros_like(entry["advantages"]).masked_scatter(
+            valid, flat[offset:offset + int(valid.sum())])
+        offset += int(valid.sum())
 
 
 @torch.no_grad()
-def collect_rollouts(engines: Engines, config: Config, runtime: Runtime, prompt_batches, generator) -> tuple:
-    """One round's buffer (list of micro-batches, tensors on the compute device) and its statistics."""
-    settings = config.minillm
-    count = settings.rollouts_per_rank // config.train.micro_batch_size
-    engines.student.eval()
-    prompts_list, rollouts = [], []
-    with _gathered(engines, settings.gather_params):
-        for _ in range(count):
-            prompts = to_device(next(prompt_batches), runtime.device, runtime.dtype)
-            rollouts.append(_sample(engines, config, runtime, prompts, generator, settings.mix_alpha))
-            prompts_list.append(prompts)
-    engines.student.train()
-    buffer, raw_rewards, weights_all, lengths = [], [], [], []
-    for prompts, rollout in zip(prompts_list, rollouts):
-        batch = _sequences(prompts, rollout.tokens, rollout.mask)
-        teacher = run_teacher(engines.teacher, batch)  # collective under ZeRO-3: same count on every rank
-        length = rollout.tokens.shape[1]
-        rewards = token_rewards(rollout.teacher_logprob, rollout.student_logprob, rollout.mask,
-                                reward_scaling=settings.reward_scaling, reward_clip=settings.reward_clip)
-        weights = importance_weights(rollout.student_logprob, rollout.mixed_logprob, rollout.mask,
-                                     mode=settings.weights, clip=settings.weight_clip or None)
-        gamma = settings.gamma if settings.long_term == "minillm" else 1.0
-        advantages = long_term_advantages(rewards, rollout.mask, variant=settings.long_term, gamma=gamma)
-        buffer.append({**batch, "response_tokens": rollout.tokens, "response_mask": rollout.mask,
-                       "old_logprob": rollout.student_logprob, "advantages": advantages, "weights": weights,
-                       "teacher_hidden": teacher.hidden[:, -length - 1:-1].contiguous(),  # (B, T, Ht)
-                       "teacher_features": teacher.features})
-        valid = rollout.mask.bool()
-        raw_rewards.append((rollout.teacher_logprob - rollout.student_logprob)[valid])
-        weights_all.append(weights[valid])
-        lengths.append(rollout.lengths.float())
-    if settings.long_term == "minillm":  # whiten over every valid token of the round, on all ranks
-        flat = torch.cat([entry["advantages"][entry["response_mask"].bool()] for entry in buffer])
-        flat = whiten(flat[None], torch.ones_like(flat, dtype=torch.bool)[None], distributed=True)[0]
-        offset = 0
-        for entry in buffer:
-            valid = entry["response_mask"].bool()
-            entry["advantages"] = torch.zeros_like(entry["advantages"]).masked_scatter(
-                valid, flat[offset:offset + int(valid.sum())])
-            offset += int(valid.sum())
-    stats = round_statistics(torch.cat(raw_rewards), torch.cat(weights_all), torch.cat(lengths), runtime.world_size)
+def collect_rollouts(engines: Engines, config: Config, runtime: Runtime, prompt_batches,
+                     generator: torch.Generator, clock: StepClock) -> tuple[list[dict], dict[str, float]]:
+    """One round (collective): the buffer (micro-batches, tensors on the compute device) and its statistics."""
+    count = config.minillm.rollouts_per_rank // config.train.micro_batch_size
+    prompts = [to_device(clock.next(prompt_batches), runtime.device, runtime.dtype) for _ in range(count)]
+    rollouts = sample_buffer(engines, config, runtime, prompts, generator, config.minillm.mix_alpha)
+    buffer = [score_rollout(engines, config, batch, rollout) for batch, rollout in zip(prompts, rollouts)]
+    if config.minillm.long_term == "minillm":
+        _whiten_advantages(buffer)
+    valid = [rollout.mask.bool() for rollout in rollouts]
+    raw_rewards = [(rollout.teacher_logprob - rollout.student_logprob)[mask] for rollout, mask in zip(rollouts, valid)]
+    weights = [entry["weights"][mask] for entry, mask in zip(buffer, valid)]
+    stats = round_statistics(torch.cat(raw_rewards), torch.cat(weights),
+                             torch.cat([rollout.lengths.float() for rollout in rollouts]))
     return buffer, stats
 
 
-def round_statistics(raw_rewards: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,
-                     world_size: int) -> dict[str, float]:
+def round_statistics(raw_rewards: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor) -> dict[str, float]:
     """The round's rollout statistics over ALL ranks (collective): ``reward`` (log p - log q) and ``w_mean`` are
     token-weighted means over every valid response token, ``w_max`` the largest importance weight on any rank (an
     all-reduce MAX), ``len_mixed`` the mean response length. ``raw_rewards`` and ``weights``: (N_tokens,) this
     rank's valid tokens; ``lengths``: (N_rollouts,)."""
     totals = reduce_sum({"reward_sum": float(raw_rewards.sum()), "weight_sum": float(weights.sum()),
                          "tokens": float(weights.numel()), "length_sum": float(lengths.sum()),
-                         "rollouts": float(lengths.numel())}, world_size)
+                         "rollouts": float(lengths.numel())})
     # Weights are positive, so 0 is a neutral element of the MAX for a rank without valid tokens.
-    w_max = reduce_max({"w_max": float(weights.max()) if weights.numel() else 0.0}, world_size)["w_max"]
+    w_max = reduce_max({"w_max": float(weights.max()) if weights.numel() else 0.0})["w_max"]
     tokens = max(totals["tokens"], 1.0)
     return {"reward": totals["reward_sum"] / tokens, "w_mean": totals["weight_sum"] / tokens, "w_max": w_max,
             "len_mixed": totals["length_sum"] / max(totals["rollouts"], 1.0)}
+
+
+# ----------------------------------------------------------------------------------------------------- policy step
 
 
 def _micro_order(config: Config, round_index: int, epoch: int, count: int) -> list[int]:
@@ -163,11 +177,11 @@ def _micro_order(config: Config, round_index: int, epoch: int, count: int) -> li
     return torch.randperm(count, generator=generator).tolist()
 
 
-def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict | None) -> dict:
+def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict | None) -> dict[str, torch.Tensor]:
+    """The student's stage-2 terms on one buffer micro-batch (and the D_PT batch, when the PT loss is on)."""
     settings = config.minillm
-    rollout_teacher = TeacherOutputs(entry["teacher_hidden"], entry["teacher_features"],
-                                     engines.teacher.module.head_weight)
-    pt_teacher = run_teacher(engines.teacher, pt_batch) if pt_batch is not None else None
+    rollout_teacher = TeacherOutputs(entry["teacher_hidden"], entry["teacher_features"], engines.teacher_head)
+    pt_teacher = engines.teacher_outputs(pt_batch) if pt_batch is not None else None
     return engines.student(
         mode="minillm", rollout=entry, rollout_teacher=rollout_teacher, pt_batch=pt_batch, pt_teacher=pt_teacher,
         policy=PolicySettings(clip_eps=settings.clip_eps, single_step_weight=settings.single_step_weight,
@@ -177,144 +191,130 @@ def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict |
         pt_weight=settings.pt_weight)
 
 
+def train_step(engines: Engines, config: Config, runtime: Runtime, state: TrainerState, progress: RolloutProgress,
+               prompt_batches, pt_batches) -> dict[str, float]:
+    """One optimizer step of ``train.grad_accum`` buffer micro-batches; a round that runs out mid-step is followed
+    by the next one inside the step. Returns the step's record."""
+    clock = StepClock(runtime.world_size)
+    sums: dict[str, float] = {}
+    token_sums = {"rev_kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}  # per-token statistics, summed over tokens
+    for _ in range(config.train.grad_accum):
+        if progress.buffer is None:
+            progress.buffer, progress.round_stats = collect_rollouts(engines, config, runtime, prompt_batches,
+                                                                     progress.generator, clock)
+            progress.position = 0
+        epoch, index = divmod(progress.position, len(progress.buffer))
+        entry = progress.buffer[_micro_order(config, state.rollout_round, epoch, len(progress.buffer))[index]]
+        pt_batch = None
+        if config.minillm.pt_weight > 0:
+            pt_batch = to_device(clock.next(pt_batches), runtime.device, runtime.dtype)
+            clock.count(pt_batch)
+        clock.count(entry)
+        terms = _policy_step(engines, config, entry, pt_batch)
+        engines.student.backward(terms["loss"])
+        engines.student.step()
+        progress.position += 1
+        if progress.position == len(progress.buffer) * config.minillm.ppo_epochs:
+            progress.buffer, progress.position = None, 0
+            state.rollout_round += 1
+        terms = detached(terms)
+        tokens = float(entry["response_mask"].sum())
+        # The single-step term is the unweighted token mean of the exact reverse KL of this micro-batch.
+        token_sums["rev_kl"] += terms["single_step_loss"] * tokens
+        token_sums["clip_frac"] += terms.pop("clip_frac") * tokens
+        token_sums["tokens"] += tokens
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value / config.train.grad_accum
+    token_sums = reduce_sum(token_sums)
+    per_token = max(token_sums.pop("tokens"), 1.0)
+    return {**reduce_mean(sums, runtime.world_size), **progress.round_stats,  # round stats: reduced when collected
+            **{name: value / per_token for name, value in token_sums.items()},
+            "lr": engines.learning_rate(), **clock.record()}
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+
+
+def _answer_reverse_kl(engines: Engines, config: Config, prompts: dict, rollout: MixedRollout) -> torch.Tensor:
+    """(B, T) exact reverse KL[q || p] at each answer position (0 past each answer's end)."""
+    import deepspeed
+
+    batch = _sequences(prompts, rollout.tokens, rollout.mask)
+    length = rollout.tokens.shape[1]
+    student_hidden, _ = hidden_and_features(engines.student_llava, batch)  # (B, P+T, Hs)
+    teacher = engines.teacher_outputs(batch)
+    head = engines.student_head
+    with deepspeed.zero.GatheredParameters([head], enabled=hasattr(head, "ds_id")):
+        return fused_token_kl(student_hidden[:, -length - 1:-1], head, teacher.hidden[:, -length - 1:-1],
+                              teacher.head_weight, direction="reverse", mask=rollout.mask.bool(),
+                              chunk_size=config.kd.chunk_size or None).kl  # (B, T)
+
+
 @torch.no_grad()
 def evaluate(engines: Engines, config: Config, runtime: Runtime, val_prompts) -> dict[str, float]:
     """Student-only answers to the same held-out prompts each time (fixed seed): the exact per-position reverse KL
     averaged over answer tokens (``val_loss``), the same summed per answer and averaged over answers
     (``val_rev_kl_seq``), and the mean answer length (``val_len_student``)."""
-    import deepspeed
-
     generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed + 7919 * (runtime.rank + 1))
+    padding, batches = [], []
+    for prompts in val_prompts:  # padding batches keep the collective decode and forward counts equal
+        padding.append(bool(prompts.pop("is_padding", False)))
+        batches.append(to_device(prompts, runtime.device, runtime.dtype))
+    rollouts = sample_buffer(engines, config, runtime, batches, generator, mix_alpha=0.0)
+    engines.student.eval()
     totals = {"kl_sum": 0.0, "tokens": 0.0, "answers": 0.0}
-    head = engines.student.module.head_weight
-    for prompts in val_prompts:
-        is_padding = bool(prompts.pop("is_padding", False))
-        prompts = to_device(prompts, runtime.device, runtime.dtype)
-        engines.student.eval()
-        with _gathered(engines, config.minillm.gather_params):
-            rollout = _sample(engines, config, runtime, prompts, generator, mix_alpha=0.0)
-        batch = _sequences(prompts, rollout.tokens, rollout.mask)
-        length = rollout.tokens.shape[1]
-        student_hidden, _ = llava_hidden_and_features(engines.student.module.llava, batch)
-        teacher = run_teacher(engines.teacher, batch)
-        with deepspeed.zero.GatheredParameters([head], enabled=hasattr(head, "ds_id")):
-            kl = fused_token_kl(student_hidden[:, -length - 1:-1], head, teacher.hidden[:, -length - 1:-1],
-                                teacher.head_weight, direction="reverse", mask=rollout.mask.bool(),
-                                chunk_size=config.kd.chunk_size or None).kl  # (B, T)
-        if is_padding:  # ran only to keep the collective generation and forward counts equal across ranks
-            continue
-        totals["kl_sum"] += float(kl.sum())
-        totals["tokens"] += float(rollout.mask.sum())
-        totals["answers"] += float(rollout.tokens.shape[0])
+    for is_padding, prompts, rollout in zip(padding, batches, rollouts):
+        kl = _answer_reverse_kl(engines, config, prompts, rollout)  # (B, T)
+        if not is_padding:
+            totals["kl_sum"] += float(kl.sum())
+            totals["tokens"] += float(rollout.mask.sum())
+            totals["answers"] += float(rollout.tokens.shape[0])
     engines.student.train()
-    totals = reduce_sum(totals, runtime.world_size)
+    totals = reduce_sum(totals)
     answers = max(totals["answers"], 1.0)
     return {"val_loss": totals["kl_sum"] / max(totals["tokens"], 1.0), "val_rev_kl_seq": totals["kl_sum"] / answers,
             "val_len_student": totals["tokens"] / answers}
 
 
+# ----------------------------------------------------------------------------------------------------- the recipe
+
+
+def _build_loaders(session: Session) -> dict:
+    """The prompt stream, the D_PT stream (only when the PT loss is on) and the held-out prompts (when validating)."""
+    config, runtime, engines = session.config, session.runtime, session.engines
+    kwargs = dict(tokenizer=engines.tokenizer, image_size=config.student.image_size,
+                  num_image_tokens=engines.num_image_tokens, micro_batch_size=config.train.micro_batch_size,
+                  rank=runtime.rank, world_size=runtime.world_size)
+    loaders = {"prompt": build_prompt_loader(config.data, split="train", seed=config.run.seed,
+                                             state=session.loader_state("prompt"), **kwargs)}
+    if config.minillm.pt_weight > 0:
+        loaders["pt"] = build_pt_loader(config.data, seed=config.run.seed, state=session.loader_state("pt"), **kwargs)
+    val = build_eval_prompt_loader(config.data, split="val", max_batches=max(config.train.eval_batches, 1),
+                                   **kwargs) if config.train.eval_every else None  # 0: no validation
+    return {"train": loaders, "val": val}
+
+
 def run(config: Config, runtime: Runtime) -> int:
-    settings = config.minillm
-    micro_per_round = settings.rollouts_per_rank // config.train.micro_batch_size  # checked by Config
-    output_dir = Path(config.run.output_dir)
-    resume = prepare_resume(config, runtime)  # before the engines: their DeepSpeed config follows its choice
-    config = resume.config
-    resume_folder = resume.folder
-    seed_everything(config.run.seed)
-    init_weights = ckpt.resolve_init_from(config.run.init_from) if config.run.init_from and not resume_folder else None
-    engines = build_engines(config, runtime, init_weights=init_weights)
-    state = ckpt.TrainerState(world_size=runtime.world_size, zero_stage=zero_stage(engines.student_ds_config),
-                              stage=config.run.stage, extra={"round": 0})
-    rank_state = None
-    if resume_folder is not None:
-        # After a change of rank count rank_state is None: the sampler's generator and the round restart.
-        state, rank_state = load_resume(engines, resume, runtime)
-        log.info("resumed stage 2 from %s at step %d", resume.engine_folder, state.step)
-    install_failure_report(runtime.rank, state)
-
-    loader_kwargs = dict(tokenizer=engines.tokenizer, image_size=config.student.image_size,
-                         num_image_tokens=engines.num_image_tokens, micro_batch_size=config.train.micro_batch_size,
-                         rank=runtime.rank, world_size=runtime.world_size, seed=config.run.seed)
-    prompt_loader = build_prompt_loader(config.data, split="train", **loader_kwargs,
-                                        state=load_loader_state(resume_folder, "prompt") if resume_folder else None)
-    pt_loader = build_pt_loader(config.data, **loader_kwargs,
-                                state=load_loader_state(resume_folder, "pt") if resume_folder else None)
-    val_kwargs = {key: value for key, value in loader_kwargs.items() if key != "seed"}
-    val_prompts = build_eval_prompt_loader(config.data, split="val", max_batches=max(config.train.eval_batches, 1),
-                                           **val_kwargs) if config.train.eval_every else None  # 0: no validation
-    prompt_batches, pt_batches = iter(prompt_loader), iter(pt_loader)
-    generator = torch.Generator(device=runtime.device).manual_seed(config.run.seed * 7 + runtime.rank)
-    buffer, round_stats, position = None, {}, 0
-    if rank_state is not None:
-        restore_rng_state(rank_state["rng"])
-        generator.set_state(rank_state["generator"])
-        if rank_state.get("buffer") is not None:
-            buffer, round_stats, position = rank_state["buffer"], rank_state["round_stats"], rank_state["position"]
-            buffer = [{key: (value.to(runtime.device) if isinstance(value, torch.Tensor) else value)
-                       for key, value in entry.items()} for entry in buffer]
-    else:
-        seed_everything(config.run.seed + runtime.rank)
-
-    config_yaml, metrics, stopper = start_outputs(config, runtime, state.step)
-    exit_code = 0
+    session = open_session(config, runtime, init_from=True)
+    config, engines, state = session.config, session.engines, session.state
+    loaders = _build_loaders(session)
+    progress = RolloutProgress(torch.Generator(device=runtime.device).manual_seed(config.run.seed * 7 + runtime.rank))
+    if session.rank_state is not None:  # None after a change of rank count: the generator and the round restart
+        progress.restore(session.rank_state.get("rollout", session.rank_state), runtime.device,
+                         new_round=session.new_round)
+    session.restore_rng()
+    end_of_step = StepEnd(session, validate=lambda: evaluate(engines, config, runtime, loaders["val"]),
+                          save=lambda: session.save(loaders["train"], extra={"rollout": progress.payload()}))
     if state.step == 0 and config.train.eval_every:
-        metrics.log(0, evaluate(engines, config, runtime, val_prompts))  # the starting point of the reverse KL
+        session.metrics.log(0, evaluate(engines, config, runtime, loaders["val"]))  # where the reverse KL starts
+    prompt_batches = iter(loaders["train"]["prompt"])
+    pt_batches = iter(loaders["train"]["pt"]) if "pt" in loaders["train"] else None
     engines.student.train()
-    while state.step < config.train.max_steps:
-        step_start = time.perf_counter()
-        step_terms: dict[str, float] = {}
-        token_sums = {"rev_kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}  # per-token statistics, summed over tokens
-        for _ in range(config.train.grad_accum):
-            if buffer is None:  # an optimizer step may span rounds: the next buffer is collected mid-accumulation
-                buffer, round_stats = collect_rollouts(engines, config, runtime, prompt_batches, generator)
-                position = 0
-            epoch, index = divmod(position, micro_per_round)
-            entry = buffer[_micro_order(config, state.extra["round"], epoch, micro_per_round)[index]]
-            pt_batch = to_device(next(pt_batches), runtime.device, runtime.dtype)
-            terms = _policy_step(engines, config, entry, pt_batch)
-            engines.student.backward(terms["loss"])
-            engines.student.step()
-            position += 1
-            if position == micro_per_round * settings.ppo_epochs:
-                buffer, position = None, 0
-                state.extra["round"] += 1
-            terms = {name: float(value.detach()) for name, value in terms.items()}
-            tokens = float(entry["response_mask"].sum())
-            # The single-step term is the unweighted token mean of the exact reverse KL of this micro-batch.
-            token_sums["rev_kl"] += terms["single_step_loss"] * tokens
-            token_sums["clip_frac"] += terms.pop("clip_frac") * tokens
-            token_sums["tokens"] += tokens
-            for name, value in terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + value / config.train.grad_accum
-        state.step += 1
-        record = reduce_mean(step_terms, runtime.world_size)
-        token_sums = reduce_sum(token_sums, runtime.world_size)
-        record.update(round_stats)  # already reduced over ranks when the round was collected
-        record.update(rev_kl=token_sums["rev_kl"] / max(token_sums["tokens"], 1.0),
-                      clip_frac=token_sums["clip_frac"] / max(token_sums["tokens"], 1.0),
-                      lr=float(engines.scheduler.get_last_lr()[0]), step_time_s=time.perf_counter() - step_start)
-        is_best = False
-        if config.train.eval_every and (state.step % config.train.eval_every == 0 or
-                                        state.step == config.train.max_steps):
-            record.update(evaluate(engines, config, runtime, val_prompts))
-            if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
-                state.best_val_loss, state.best_tag, is_best = record["val_loss"], ckpt.tag_for_step(state.step), True
-        if state.step % config.run.log_every == 0 or "val_loss" in record or state.step == config.train.max_steps:
-            metrics.log(state.step, record)
-        metrics.progress(state.step, {k: v for k, v in record.items()
-                                      if k in ("loss", "pg_loss", "rev_kl", "pt_loss", "reward", "val_loss")})
-        # The step limit is the same on every rank (config), so it needs no agreement; signals do.
-        stop = stopper.should_stop() or (config.run.stop_at_step > 0 and state.step >= config.run.stop_at_step)
-        if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.max_steps or stop or is_best:
-            cpu_buffer = None if buffer is None else [
-                {key: (value.cpu() if isinstance(value, torch.Tensor) else value) for key, value in entry.items()}
-                for entry in buffer]
-            save(engines, config, runtime, state, config_yaml, loaders={"prompt": prompt_loader, "pt": pt_loader},
-                 extra={"generator": generator.get_state(), "buffer": cpu_buffer, "round_stats": round_stats,
-                        "position": position})
-        if stop:
-            exit_code = RESUME_EXIT_CODE
+    stopped = False
+    for step in range(state.step + 1, config.train.max_steps + 1):
+        record = train_step(engines, config, runtime, state, progress, prompt_batches, pt_batches)
+        state.step = step
+        stopped = end_of_step(record)
+        if stopped:
             break
-    metrics.close()
-    write_partition_report(engines, output_dir, runtime.rank)
-    return exit_code
+    return session.close(stopped)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from kd_pipeline.engine.metrics import METRICS
 from tests.engine.launch import final_weights, metrics, train
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,8 @@ def test_equal_teacher_forwards_and_telemetry(stage2_run):
     lines = metrics(stage2_run)
     assert [line["step"] for line in lines] == list(range(0, 9))
     for line in lines[1:]:
-        assert {"loss", "pg_loss", "single_step_loss", "pt_loss", "align_loss", "reward", "len_mixed", "w_mean",
-                "w_max", "clip_frac", "rev_kl", "lr"} <= set(line)
+        assert {"loss", "pg_loss", "single_step_loss", "pt_loss", "align", "reward", "len_mixed", "w_mean",
+                "w_max", "clip_frac", "rev_kl", "lr", "tokens_per_s", "data_wait_frac", "step_time_s"} <= set(line)
         assert 0 < line["len_mixed"] <= 24 and line["w_max"] >= line["w_mean"] > 0
         assert line["rev_kl"] > 0 and 0 <= line["clip_frac"] <= 1
     validation = [lines[0], lines[4], lines[8]]
@@ -44,6 +45,23 @@ def test_equal_teacher_forwards_and_telemetry(stage2_run):
         assert line["val_rev_kl_seq"] == pytest.approx(line["val_loss"] * line["val_len_student"], rel=1e-5)
     best = min(validation[1:], key=lambda line: line["val_loss"])
     assert (stage2_run / "checkpoints" / "best").read_text() == f"step_{best['step']:08d}"
+
+
+def test_both_stages_log_one_vocabulary(stage1_run, stage2_run):
+    """Every key is in the vocabulary for its stage, and every term a stage has is on every line of that stage (the
+    validation terms on validation lines): the same names for the same terms in stage 1 and stage 2."""
+    for run, stage in ((stage1_run, "kd_sft"), (stage2_run, "minillm")):
+        expected = {name for name, metric in METRICS.items() if stage in metric.stages}
+        for line in metrics(run):
+            keys = set(line) - {"step"}
+            assert keys <= expected, (stage, keys - expected)
+            validation = {name for name in expected if name.startswith("val_")}
+            if line["step"] > 0:
+                assert keys - validation == expected - validation, (stage, line["step"])
+            if "val_loss" in line:
+                assert validation <= keys, (stage, line["step"])
+    shared = {name for name, metric in METRICS.items() if {"kd_sft", "minillm"} <= set(metric.stages.split(", "))}
+    assert {"loss", "align", "lr", "tokens_per_s", "data_wait_frac", "step_time_s", "val_loss"} <= shared
 
 
 def test_reverse_kl_on_held_out_prompts_goes_down(stage2_run):
@@ -59,7 +77,7 @@ def test_mid_round_resume_gives_identical_losses(stage2_run, synth_data, stage1_
     expected, resumed = metrics(stage2_run), metrics(tmp_path)
     assert [line["step"] for line in resumed] == [line["step"] for line in expected]
     for want, got in zip(expected, resumed):
-        for key in ("loss", "pg_loss", "single_step_loss", "pt_loss", "align_loss", "reward", "val_loss"):
+        for key in ("loss", "pg_loss", "single_step_loss", "pt_loss", "align", "reward", "val_loss"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
 

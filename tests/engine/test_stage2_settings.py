@@ -57,7 +57,7 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        stats = round_statistics(RANK_REWARDS[rank], RANK_WEIGHTS[rank], RANK_LENGTHS[rank], world_size=2)
+        stats = round_statistics(RANK_REWARDS[rank], RANK_WEIGHTS[rank], RANK_LENGTHS[rank])
         torch.save(stats, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -75,5 +75,5 @@ def test_round_statistics_are_token_weighted_with_a_global_max(tmp_path):
 
 
 def test_round_statistics_single_process_match_the_plain_reductions():
-    stats = round_statistics(RANK_REWARDS[0], RANK_WEIGHTS[0], RANK_LENGTHS[0], world_size=1)
+    stats = round_statistics(RANK_REWARDS[0], RANK_WEIGHTS[0], RANK_LENGTHS[0])
     assert stats == pytest.approx({"w_max": 2.0, "w_mean": 1.0, "reward": 0.05, "len_mixed": 2.0})
