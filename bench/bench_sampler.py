@@ -167,13 +167,13 @@ def buffer_rollout_rates(student, teacher, shape: Shape, repeats: int, device: t
                             prompts["pixel_values"], max_new_tokens=shape.new_tokens, eos_token_id=NEVER_EOS,
                             pad_token_id=PAD_ID, generator=torch.Generator(device=device).manual_seed(0))
 
-    modes = {"per_micro_batch": shape.micro_batch, "buffer_batched": 0}  # rows per decode (0: the whole buffer)
+    modes = {"per_micro_batch": 1, "buffer_batched": 0}  # micro-batches per decode (0: the whole buffer)
     timings: dict[str, list[float]] = {name: [] for name in modes}
     for _ in tqdm(range(repeats), desc="buffer rollouts", unit="repeat"):
-        for name, rows_per_decode in modes.items():  # interleaved, so machine noise hits both alike
+        for name, batches_per_decode in modes.items():  # interleaved, so machine noise hits both alike
             _synchronise(device)
             start = time.perf_counter()
-            rollouts = decode_in_batches(batches, rows_per_decode, decode, pad_token_id=PAD_ID)
+            rollouts = decode_in_batches(batches, batches_per_decode, decode, pad_token_id=PAD_ID)
             _synchronise(device)
             timings[name].append(time.perf_counter() - start)
     tokens = sum(int(rollout.mask.sum()) for rollout in rollouts)

@@ -153,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             "run.init_from=random-weights", "minillm.pt_weight=1.0", *args.overrides])
         runtime = init_runtime(5)
         session = open_session(config, runtime)  # random weights: the timings do not depend on them
+        session.metrics.close()  # no training loop here: no progress bar, no metrics.jsonl
         loaders = _build_loaders(session)
         session.restore_rng()
         batches = {name: iter(loader) for name, loader in loaders["train"].items()}
         progress = RolloutProgress(torch.Generator(device=runtime.device).manual_seed(0))
         measured = [profile_round(session, loaders, batches, progress) for _ in range(rounds + 1)][1:]
-        session.metrics.close()
-    result = {"device": str(runtime.device), "rounds": rounds, "config": args.config, "overrides": args.overrides,
+    config_name = Path(args.config).resolve()
+    config_name = config_name.relative_to(ROOT) if config_name.is_relative_to(ROOT) else config_name
+    result = {"device": str(runtime.device), "rounds": rounds, "config": str(config_name), "overrides": args.overrides,
               "micro_steps_per_round": len(progress.buffer) * config.minillm.ppo_epochs, **summarise(measured)}
     print(f"{'phase':<26}{'s / round':>11}{'share':>8}")
     for phase in (*PHASES, "alignment"):

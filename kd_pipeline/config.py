@@ -172,7 +172,7 @@ class MinillmConfig:
     rollouts_per_rank: int = 8
     """Rollout buffer size per rank and round (a multiple of train.micro_batch_size; steps may span rounds)."""
     rollout_batch_size: int = 0
-    """Prompts decoded together per rank (0: the whole buffer); bounds the rollout KV caches. A multiple of train.micro_batch_size."""
+    """Prompts decoded together per rank, in rounds and validation (0: rollouts_per_rank); bounds the KV caches. A multiple of train.micro_batch_size."""
     ppo_epochs: int = 4
     """Passes over each rollout buffer."""
     gamma: float = 0.95

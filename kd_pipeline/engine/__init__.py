@@ -1,1 +1,1 @@
-"""DeepSpeed engines, modules, metrics and stopping used by the recipes."""
+"""DeepSpeed engines, modules, metrics, collectives and stopping used by the recipes."""

@@ -3,10 +3,10 @@
 One round:
 1. Rollouts: ``minillm.rollouts_per_rank`` prompts per rank are answered by sampling from the teacher-mixed
    distribution alpha*p + (1-alpha)*q (kd_pipeline/sampling), decoded ``minillm.rollout_batch_size`` prompts at a
-   time (0: the whole buffer in one decode; sampling/buffer.py) and split back into the loader's micro-batches. With
-   ``minillm.gather_params`` both models' ZeRO-3 parameters are gathered once for the whole phase (MiniLLM reports
-   ~10x faster than per-token gathers); otherwise generation runs partitioned and every rank runs the same number of
-   decode steps (``sync_ranks``).
+   time (0: the whole buffer in one decode; validation decodes under the same bound; sampling/buffer.py) and split
+   back into the loader's micro-batches. With ``minillm.gather_params`` both models' ZeRO-3 parameters are gathered
+   once for the whole phase (MiniLLM reports ~10x faster than per-token gathers); otherwise generation runs
+   partitioned and every rank runs the same number of decode steps (``sync_ranks``).
 2. Scoring, once per round: the teacher runs on prompt+response (its hidden states at the response positions are
    cached for the single-step term), rewards r_t = log p - log q, importance weights (per-step q/p~ or the product),
    and long-term advantages (MiniLLM: discounted return / remaining tokens, whitened across ranks; or the paper's
@@ -38,9 +38,9 @@ and ``len_mixed`` (mean rollout length).
 
 Validation (every ``train.eval_every`` steps) samples student-only answers (alpha = 0) to held-out prompts with a
 fixed seed and reports ``val_loss`` = the exact per-position reverse KL KL[q||p] averaged over answer TOKENS (length
-normalised; it selects ``best``), ``val_rev_kl_seq`` = the same summed per answer and averaged
-over answers (by the chain rule an unbiased, Rao-Blackwellised estimate of the sequence-level KL[q||p]), and
-``val_len_student`` (mean answer length). Per token, a long answer cannot win or lose ``best`` by its length alone.
+normalised; it selects ``best``), ``val_rev_kl_seq`` = the same summed per answer and averaged over answers (by the
+chain rule an unbiased, Rao-Blackwellised estimate of the sequence-level KL[q||p]), and ``val_len_student`` (mean
+answer length). Per token, a long answer cannot win or lose ``best`` by its length alone.
 """
 
 from __future__ import annotations
@@ -80,17 +80,18 @@ def _sequences(prompts: dict, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
 
 def sample_buffer(engines: Engines, config: Config, runtime: Runtime, prompt_batches: list[dict],
                   generator: torch.Generator, mix_alpha: float) -> list[MixedRollout]:
-    """One rollout per prompt batch, decoded ``minillm.rollout_batch_size`` rows at a time (sampling/buffer.py)
-    inside ONE parameter gather for the whole phase (``minillm.gather_params``). Both models in eval mode."""
+    """One rollout per prompt batch, decoded ``minillm.rollout_batch_size`` rows at a time (0: ``rollouts_per_rank``,
+    a whole round's buffer; validation has the same bound) inside ONE parameter gather for the whole phase
+    (``minillm.gather_params``; sampling/buffer.py). Both models in eval mode."""
     settings = config.minillm
 
     def decode(prompts: dict) -> MixedRollout:
+        images = prompts.get("pixel_values")  # (N_img, 3, S, S); none, or zero rows, for text-only prompts
         return sample_mixed(
             engines.student_llava, engines.teacher_llava, prompts["input_ids"], prompts["attention_mask"],
-            prompts.get("pixel_values") if prompts.get("pixel_values") is not None
-            and prompts["pixel_values"].shape[0] > 0 else None,
-            mix_alpha=mix_alpha, max_new_tokens=settings.max_new_tokens,
-            eos_token_id=engines.tokenizer.eos_token_id, pad_token_id=engines.tokenizer.pad_token_id,
+            images if images is not None and images.shape[0] > 0 else None, mix_alpha=mix_alpha,
+            max_new_tokens=settings.max_new_tokens, eos_token_id=engines.tokenizer.eos_token_id,
+            pad_token_id=engines.tokenizer.pad_token_id,
             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator,
             sync_ranks=runtime.world_size > 1, banned_token_ids=(engines.image_token_id,))
 
@@ -98,7 +99,8 @@ def sample_buffer(engines: Engines, config: Config, runtime: Runtime, prompt_bat
     gathered = gathered_for_decoding(engines.student, engines.teacher) if settings.gather_params \
         else contextlib.nullcontext()
     with gathered:
-        rollouts = decode_in_batches(prompt_batches, settings.rollout_batch_size, decode,
+        rows = settings.rollout_batch_size or settings.rollouts_per_rank  # both multiples of micro_batch_size
+        rollouts = decode_in_batches(prompt_batches, rows // config.train.micro_batch_size, decode,
                                      pad_token_id=engines.tokenizer.pad_token_id)
     engines.student.train()
     return rollouts

@@ -1,11 +1,10 @@
 """Decoding a whole rollout buffer in few, large batches instead of one micro-batch at a time.
 
 Stage 2 answers ``minillm.rollouts_per_rank`` prompts per round, which the prompt loader yields in micro-batches.
-Decoding each micro-batch on its own leaves the device idle between small decodes (a decode step costs about the
-same for 2 rows as for 32). Here consecutive micro-batches are concatenated into decode batches of at most
-``rows_per_decode`` rows (``minillm.rollout_batch_size``, which bounds the KV caches: rows x (prompt +
-max_new_tokens) positions per model), each decoded by one ``sample_mixed`` call, and the rollout is split back per
-micro-batch.
+Decoding each micro-batch on its own leaves an accelerator idle between small decodes (a decode step reads all the
+weights whether it has 2 rows or 32). Here consecutive micro-batches are concatenated into decode batches of
+``minillm.rollout_batch_size`` prompts (which bounds the KV caches: rows x (prompt + max_new_tokens) positions per
+model), each decoded by one ``sample_mixed`` call, and the rollout is split back per micro-batch.
 
 Shapes: every prompt batch is LEFT-padded to its own width P_i; a decode batch re-pads them on the left to the widest
 (padding is masked and positions are counted over real tokens, so a row's logits do not depend on it beyond
@@ -25,21 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from kd_pipeline.sampling.mixed import MixedRollout
-
-
-def group_rows(sizes: list[int], rows_per_decode: int) -> list[list[int]]:
-    """Consecutive micro-batch indices grouped so each group has at most ``rows_per_decode`` rows (a micro-batch
-    larger than that is a group of its own). ``rows_per_decode`` <= 0 puts everything in one group."""
-    groups: list[list[int]] = []
-    rows = 0
-    for index, size in enumerate(sizes):
-        if groups and (rows_per_decode <= 0 or rows + size <= rows_per_decode):
-            groups[-1].append(index)
-            rows += size
-        else:
-            groups.append([index])
-            rows = size
-    return groups
 
 
 def concat_prompts(prompt_batches: list[dict], pad_token_id: int) -> dict:
@@ -71,15 +55,18 @@ def split_rollout(rollout: MixedRollout, sizes: list[int]) -> list[MixedRollout]
     return parts
 
 
-def decode_in_batches(prompt_batches: list[dict], rows_per_decode: int, decode: Callable[[dict], MixedRollout],
+def decode_in_batches(prompt_batches: list[dict], batches_per_decode: int, decode: Callable[[dict], MixedRollout],
                       *, pad_token_id: int) -> list[MixedRollout]:
-    """One ``MixedRollout`` per prompt batch, decoded ``rows_per_decode`` rows at a time by ``decode(prompts)``
-    (``prompts`` holds ``input_ids``, ``attention_mask`` and ``pixel_values``). Under ZeRO-3 with ``sync_ranks``
-    every rank must make the same number of ``decode`` calls: the grouping depends only on the batch sizes."""
-    sizes = [batch["input_ids"].shape[0] for batch in prompt_batches]
+    """One ``MixedRollout`` per prompt batch, decoded ``batches_per_decode`` consecutive batches at a time (<= 0: all
+    in one decode) by ``decode(prompts)`` (``prompts`` holds ``input_ids``, ``attention_mask`` and ``pixel_values``).
+
+    Grouping by batch count, not rows, keeps the number of ``decode`` calls the same on every rank that holds the same
+    number of batches, whatever their sizes: under ZeRO-3 (``sync_ranks``) every call is collective.
+    """
+    step = batches_per_decode if batches_per_decode > 0 else max(len(prompt_batches), 1)
     rollouts: list[MixedRollout] = []
-    for group in group_rows(sizes, rows_per_decode):
-        batches = [prompt_batches[index] for index in group]
+    for start in range(0, len(prompt_batches), step):
+        batches = prompt_batches[start:start + step]
         prompts = batches[0] if len(batches) == 1 else concat_prompts(batches, pad_token_id)
-        rollouts.extend(split_rollout(decode(prompts), [sizes[index] for index in group]))
+        rollouts.extend(split_rollout(decode(prompts), [batch["input_ids"].shape[0] for batch in batches]))
     return rollouts
