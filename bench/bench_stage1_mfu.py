@@ -187,8 +187,8 @@ def run(args) -> dict:
         tokenizer = write_word_tokenizer(Path(scratch) / "tokenizer", sizes["vocab"])
         config = run_config(sizes, tokenizer, args.micro_batch_size, 2 * (args.warmup + args.steps))
         engines = build_engines(config, runtime)
-    student_llava = unwrap_model(engines.student.module.llava)
-    teacher_llava = unwrap_model(engines.teacher.module.llava)
+    student_llava = unwrap_model(engines.student_llava)
+    teacher_llava = unwrap_model(engines.teacher_llava)
     items = make_items((args.warmup + args.steps) * args.micro_batch_size, sizes, engines.num_image_tokens,
                        engines.image_token_id, args.seed)
     groups = [items[start:start + args.micro_batch_size] for start in range(0, len(items), args.micro_batch_size)]

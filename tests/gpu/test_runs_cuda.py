@@ -61,5 +61,6 @@ def test_stage2_trains_on_one_gpu_from_the_stage1_run(stage1_on_gpu, synth_data,
     assert_finite(lines)
     for line in lines[1:]:
         assert {"loss", "pg_loss", "single_step_loss", "pt_loss", "reward", "len_mixed"} <= set(line)
-    assert {"val_loss", "rev_kl"} <= set(lines[0]) and {"val_loss", "rev_kl"} <= set(lines[4])
+    validation = {"val_loss", "val_rev_kl_seq", "val_len_student"}
+    assert validation <= set(lines[0]) and validation <= set(lines[4])
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
