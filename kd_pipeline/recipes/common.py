@@ -229,7 +229,7 @@ def open_session(config: Config, runtime: Runtime, *, init_from: bool = False) -
     rank_state = None
     if resume.folder is not None:
         state, rank_state = load_resume(engines, resume, runtime)
-        log.info("resumed %s from %s at step %d", config.run.stage, resume.engine_folder, state.step)
+        log.info("resumed from %s at step %d (run.stage=%s)", resume.engine_folder, state.step, config.run.stage)
     install_failure_report(runtime.rank, state)
     output_dir = Path(config.run.output_dir)
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
