@@ -31,12 +31,15 @@ import json
 import logging
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.synth_balanced import (AMBIGUOUS_PAIRS, HEADLINE_WEIGHTS, POSTERIOR_TEMPERATURE, balanced_vqa,
+                                     headline_record, make_scene)
 from data_prep.synth_text import (BENCH_SCENE_PROMPT, GROUP_REFER_PROMPT, VQA_SUFFIX, VQA_TYPES, boxes_text, conversation,
                                   corpus_document, referring_expressions, region_caption, vqa_round)
 from data_prep.synth_world import (SCENE_CLASSES, Scene, place_objects, render_scene, size_group_of_area,
@@ -59,6 +62,38 @@ def _balanced_classes(rng: np.random.Generator):
             yield SCENE_CLASSES[index]
 
 
+def _save_training_image(scene: Scene, image_dir: Path, image_count: int) -> tuple[str, bool]:
+    is_jpeg = image_count % JPEG_EVERY == 7
+    file_name = f"{image_count:06d}.{'jpg' if is_jpeg else 'png'}"
+    if is_jpeg:
+        scene.image.save(image_dir / file_name, format="JPEG", quality=90)
+    else:
+        scene.image.save(image_dir / file_name, format="PNG")
+    return file_name, is_jpeg
+
+
+def write_headline_training_set(rng: np.random.Generator, out_dir: Path, num_records: int, image_size: int,
+                                ambiguous: bool) -> dict:
+    """The ``repro`` profile's instruct.json + images/ (one image per record, see ``synth_balanced``)."""
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True)
+    record_types = list(HEADLINE_WEIGHTS)
+    type_probabilities = np.array(list(HEADLINE_WEIGHTS.values())) / sum(HEADLINE_WEIGHTS.values())
+    records, type_counts, jpeg_count, relabelled = [], Counter(), 0, 0
+    classes = _balanced_classes(rng)
+    for index in tqdm(range(num_records), unit="record", desc="synth train"):
+        record_type = str(rng.choice(record_types, p=type_probabilities))
+        scene, turns = headline_record(rng, next(classes), image_size, record_type, ambiguous)
+        file_name, is_jpeg = _save_training_image(scene, image_dir, index)
+        jpeg_count += is_jpeg
+        relabelled += record_type == "scene" and scene.label is not scene.scene_class
+        records.append({"id": f"synth_{index:06d}", "image": file_name, "conversations": turns})
+        type_counts[record_type] += 1
+    _write_json(out_dir / "instruct.json", records)
+    return {"records": len(records), "images": len(records), "jpeg_images": jpeg_count,
+            "record_types": dict(sorted(type_counts.items())), "scene_labels_not_the_dominant_class": relabelled}
+
+
 def write_training_set(rng: np.random.Generator, out_dir: Path, num_records: int, image_size: int) -> dict:
     """instruct.json + images/; returns counts for world.json."""
     image_dir = out_dir / "images"
@@ -70,13 +105,8 @@ def write_training_set(rng: np.random.Generator, out_dir: Path, num_records: int
     with tqdm(total=num_records, unit="record", desc="synth train") as progress:
         while len(records) < num_records:
             scene = render_scene(rng, next(classes), image_size)
-            is_jpeg = image_count % JPEG_EVERY == 7
-            file_name = f"{image_count:06d}.{'jpg' if is_jpeg else 'png'}"
-            if is_jpeg:
-                scene.image.save(image_dir / file_name, format="JPEG", quality=90)
-                jpeg_count += 1
-            else:
-                scene.image.save(image_dir / file_name, format="PNG")
+            file_name, is_jpeg = _save_training_image(scene, image_dir, image_count)
+            jpeg_count += is_jpeg
             image_count += 1
             # Distinct record types per image: the same question twice on one image would only repeat a record.
             records_here = min(int(rng.integers(2, 5)), num_records - len(records))
@@ -101,37 +131,63 @@ def _save_bench_image(scene: Scene, image_dir: Path, stem: str) -> str:
     return file_name
 
 
-def scene_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int) -> list[dict]:
-    """One classification question per image, classes in balanced blocks."""
+@dataclass(frozen=True)
+class Profile:
+    """What kind of world: ``geochat`` (GeoChat_Instruct's mix) or ``repro`` (``synth_balanced``), and whether
+    the confusable pairs are ambiguous (``repro`` only)."""
+
+    name: str = "geochat"
+    ambiguous: bool = False
+
+    def scene(self, rng: np.random.Generator, scene_class, image_size: int) -> Scene:
+        if self.name == "repro":
+            return make_scene(rng, scene_class, image_size, ambiguous=self.ambiguous)
+        return render_scene(rng, scene_class, image_size)
+
+
+def scene_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int,
+                profile: Profile = Profile()) -> list[dict]:
+    """One classification question per image, classes in balanced blocks; the ground truth is the class that
+    shaped the scene (for an ambiguous scene also ``label_posterior``, how sure an annotator would be)."""
     rows, classes = [], _balanced_classes(rng)
     for index in range(bench_num):
-        scene = render_scene(rng, next(classes), image_size)
+        scene = profile.scene(rng, next(classes), image_size)
         file_name = _save_bench_image(scene, image_dir, f"scene_{index:05d}")
-        rows.append({"question_id": f"{scene.scene_class.class_id}/{file_name}", "image": file_name,
-                     "text": BENCH_SCENE_PROMPT, "ground_truth": scene.scene_class.name})
+        row = {"question_id": f"{scene.scene_class.class_id}/{file_name}", "image": file_name,
+               "text": BENCH_SCENE_PROMPT, "ground_truth": scene.scene_class.name}
+        if profile.ambiguous:
+            row["label_posterior"] = round(scene.posterior, 6)
+        rows.append(row)
     return rows
 
 
-def vqa_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int) -> list[dict]:
-    """Two questions per image; the four question types equally often, in shuffled order."""
+def vqa_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int,
+              profile: Profile = Profile()) -> list[dict]:
+    """The four question types equally often, in shuffled order: two questions per image (``geochat``) or one
+    image drawn for each question with balanced answers (``repro``)."""
     rows, classes = [], _balanced_classes(rng)
     question_types = [VQA_TYPES[index % len(VQA_TYPES)] for index in range(bench_num)]
     rng.shuffle(question_types)
     for index, question_type in enumerate(question_types):
-        if index % 2 == 0:
-            scene = render_scene(rng, next(classes), image_size)
-            file_name = _save_bench_image(scene, image_dir, f"vqa_{index // 2:05d}")
-        question, answer = vqa_round(rng, scene, question_type)
+        if profile.name == "repro":
+            scene, question, answer = balanced_vqa(rng, image_size, question_type, profile.ambiguous)
+            file_name = _save_bench_image(scene, image_dir, f"vqa_{index:05d}")
+        else:
+            if index % 2 == 0:
+                scene = render_scene(rng, next(classes), image_size)
+                file_name = _save_bench_image(scene, image_dir, f"vqa_{index // 2:05d}")
+            question, answer = vqa_round(rng, scene, question_type)
         rows.append({"question_id": index, "image": file_name, "text": f"{question}\n{VQA_SUFFIX}",
                      "ground_truth": answer, "type": question_type})
     return rows
 
 
-def referring_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int) -> list[dict]:
+def referring_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int,
+                    profile: Profile = Profile()) -> list[dict]:
     """Per image one single-object question ("ref") and, 40% of the time, one several-object one ("grounding")."""
     rows, classes, image_index = [], _balanced_classes(rng), 0
     while len(rows) < bench_num:
-        scene = render_scene(rng, next(classes), image_size)
+        scene = profile.scene(rng, next(classes), image_size)
         singles, groups = referring_expressions(scene)
         chosen = [("ref", singles[rng.integers(len(singles))])] if singles else []
         if groups and (not singles or rng.random() < 0.4):
@@ -155,11 +211,13 @@ def referring_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, i
     return rows
 
 
-def region_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int) -> list[dict]:
-    """Captions of up to two distinct objects per image."""
+def region_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int,
+                 profile: Profile = Profile()) -> list[dict]:
+    """Captions of up to two distinct objects per image (``repro``: no size words, the correct place)."""
     rows, classes, image_index = [], _balanced_classes(rng), 0
+    repro = profile.name == "repro"
     while len(rows) < bench_num:
-        scene = render_scene(rng, next(classes), image_size)
+        scene = profile.scene(rng, next(classes), image_size)
         if not scene.objects:
             continue
         image_id = f"region_{image_index:05d}"
@@ -167,8 +225,9 @@ def region_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, imag
         image_index += 1
         for object_index in rng.permutation(len(scene.objects))[: min(2, bench_num - len(rows))]:
             scene_object = scene.objects[object_index]
+            caption = region_caption(scene, scene_object, size_words=not repro, annotated=not repro)
             rows.append({"question_id": len(rows), "image_id": image_id, "question": scene_object.box_text,
-                         "ground_truth": region_caption(scene, scene_object)})
+                         "ground_truth": caption})
     return rows
 
 
@@ -176,13 +235,15 @@ BENCH_BUILDERS = {"scene": scene_bench, "vqa": vqa_bench, "referring": referring
                   "region_captioning": region_bench}
 
 
-def write_benchmarks(rngs: dict[str, np.random.Generator], bench_dir: Path, bench_num: int, image_size: int) -> dict:
+def write_benchmarks(rngs: dict[str, np.random.Generator], bench_dir: Path, bench_sizes: dict[str, int],
+                     image_size: int, profile: Profile = Profile()) -> dict:
     """bench/<task>.jsonl for the four tasks + their images in bench/images/; returns question counts."""
     image_dir = bench_dir / "images"
     image_dir.mkdir(parents=True)
     counts = {}
     for task, build in tqdm(BENCH_BUILDERS.items(), desc="synth bench", unit="file"):
-        counts[task] = _write_jsonl(bench_dir / f"{task}.jsonl", build(rngs[task], image_dir, bench_num, image_size))
+        rows = build(rngs[task], image_dir, bench_sizes[task], image_size, profile)
+        counts[task] = _write_jsonl(bench_dir / f"{task}.jsonl", rows)
     return counts
 
 
@@ -226,29 +287,59 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def parse_bench_sizes(text: str | None, default: int) -> dict[str, int]:
+    """``scene=1000,vqa=1000`` -> questions per bench file; tasks not named get ``default``."""
+    sizes = dict.fromkeys(BENCH_BUILDERS, default)
+    for part in filter(None, (text or "").split(",")):
+        task, separator, value = part.partition("=")
+        if not separator or task.strip() not in BENCH_BUILDERS or not value.strip().isdigit():
+            raise ValueError(f"--bench-sizes {text!r}: expected task=count pairs with tasks from "
+                             f"{', '.join(BENCH_BUILDERS)}, e.g. scene=1000,vqa=1000")
+        sizes[task.strip()] = int(value)
+    return sizes
+
+
 def generate_world(out_dir: Path, num_records: int, seed: int, image_size: int = 56, bench_num: int | None = None,
-                   pt_lines: int = 300, overwrite: bool = False) -> dict:
-    """Write the whole synthetic world into ``out_dir``; returns the contents of world.json."""
+                   pt_lines: int = 300, overwrite: bool = False, profile: Profile = Profile(),
+                   bench_sizes: dict[str, int] | None = None) -> dict:
+    """Write the whole synthetic world into ``out_dir``; returns the contents of world.json.
+
+    ``bench_sizes`` (questions per bench file) overrides ``bench_num`` per task."""
     if image_size < 16:
         raise ValueError(f"--image-size {image_size} is too small: use at least 16 pixels")
     if num_records < 1:
         raise ValueError(f"--num {num_records}: ask for at least one training record")
+    if profile.name not in PROFILES:
+        raise ValueError(f"--profile {profile.name!r}: choose one of {', '.join(PROFILES)}")
+    if profile.ambiguous and profile.name != "repro":
+        raise ValueError("--ambiguous needs --profile repro (the geochat profile has no ambiguous labels)")
     bench_num = max(1, num_records // 10) if bench_num is None else bench_num
-    if bench_num < 0 or pt_lines < 0:
-        raise ValueError(f"--bench-num {bench_num} and --pt-lines {pt_lines} must not be negative")
+    bench_sizes = {**dict.fromkeys(BENCH_BUILDERS, bench_num), **(bench_sizes or {})}
+    if min(bench_sizes.values()) < 0 or pt_lines < 0:
+        raise ValueError(f"bench sizes {bench_sizes} and --pt-lines {pt_lines} must not be negative")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
     # One independent stream per part, in a fixed order: changing one part's size leaves the others unchanged.
     train_rng, corpus_rng, *bench_rngs = (np.random.default_rng(child)
                                           for child in np.random.SeedSequence(seed).spawn(2 + len(BENCH_BUILDERS)))
     world = {"seed": seed, "image_size": image_size, "num_records": num_records, "bench_num": bench_num,
-             "pt_lines": pt_lines, **world_parameters()}
-    world["train"] = write_training_set(train_rng, out_dir, num_records, image_size)
-    world["bench"] = write_benchmarks(dict(zip(BENCH_BUILDERS, bench_rngs)), out_dir / "bench", bench_num, image_size)
+             "bench_sizes": bench_sizes, "pt_lines": pt_lines, "profile": profile.name,
+             "ambiguous": profile.ambiguous, **world_parameters()}
+    if profile.name == "repro":
+        world["repro_profile"] = {"record_weights": HEADLINE_WEIGHTS, "ambiguous_pairs": AMBIGUOUS_PAIRS,
+                                  "posterior_temperature": POSTERIOR_TEMPERATURE}
+        world["train"] = write_headline_training_set(train_rng, out_dir, num_records, image_size, profile.ambiguous)
+    else:
+        world["train"] = write_training_set(train_rng, out_dir, num_records, image_size)
+    world["bench"] = write_benchmarks(dict(zip(BENCH_BUILDERS, bench_rngs)), out_dir / "bench", bench_sizes,
+                                      image_size, profile)
     world["pt_corpus_lines"] = write_pt_corpus(corpus_rng, out_dir / "pt_corpus.txt", pt_lines)
     _write_json(out_dir / "world.json", world)
     logger.info("synthetic world written to %s", out_dir)
     return world
+
+
+PROFILES = ("geochat", "repro")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--image-size", type=int, default=56, help="square image side in pixels, >= 16 (default 56)")
     parser.add_argument("--bench-num", type=int, default=None, help="questions per bench file (default num // 10)")
+    parser.add_argument("--bench-sizes", default=None,
+                        help="per-task bench sizes overriding --bench-num, e.g. scene=1000,vqa=1000,region_captioning=500")
     parser.add_argument("--pt-lines", type=int, default=300, help="lines of pt_corpus.txt (default 300)")
+    parser.add_argument("--profile", choices=PROFILES, default="geochat",
+                        help="geochat: GeoChat_Instruct's task mix (default); repro: headline tasks whose answers "
+                             "depend on the image (data_prep/synth_balanced.py)")
+    parser.add_argument("--ambiguous", action="store_true",
+                        help="repro profile: confusable class pairs get labels drawn from a posterior")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic world in --out")
     return parser
 
@@ -269,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     try:
         world = generate_world(options.out, options.num, options.seed, options.image_size, options.bench_num,
-                               options.pt_lines, options.overwrite)
+                               options.pt_lines, options.overwrite, Profile(options.profile, options.ambiguous),
+                               parse_bench_sizes(options.bench_sizes, options.bench_num or max(1, options.num // 10)))
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
     train = world["train"]

@@ -87,12 +87,14 @@ def boxes_text(scene: Scene, obj_ids: Sequence[int]) -> str:
     return "".join(scene.objects[index].box_text for index in obj_ids)
 
 
-def region_caption(scene: Scene, scene_object: SceneObject) -> str:
-    """'a large red ship moored in a harbour' (medium objects get no size word)."""
-    size_word = {"small": "small ", "medium": "", "large": "large "}[scene_object.size_group]
+def region_caption(scene: Scene, scene_object: SceneObject, size_words: bool = True, annotated: bool = True) -> str:
+    """'a large red ship moored in a harbour' (medium objects get no size word; ``size_words=False`` drops them all,
+    since the box in the prompt already gives the size). The place is the annotator's class (``scene.label``), or
+    with ``annotated=False`` the class that shaped the scene (the correct answer of an ambiguous scene)."""
+    size_word = {"small": "small ", "medium": "", "large": "large "}[scene_object.size_group] if size_words else ""
     kind = OBJECT_KINDS[scene_object.kind]
-    return f"{_with_article(f'{size_word}{scene_object.colour} {kind.name}')} {kind.verb} " \
-           f"{scene.scene_class.place_phrase}"
+    place = (scene.label if annotated else scene.scene_class).place_phrase
+    return f"{_with_article(f'{size_word}{scene_object.colour} {kind.name}')} {kind.verb} {place}"
 
 
 def referring_expressions(scene: Scene) -> tuple[list[Expression], list[Expression]]:
@@ -132,7 +134,7 @@ def referring_expressions(scene: Scene) -> tuple[list[Expression], list[Expressi
 # ---- question/answer rounds: each returns (question, answer) or None when the scene cannot support it ----
 
 def scene_round(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
-    return str(rng.choice(SCENE_PROMPTS)), scene.scene_class.name
+    return str(rng.choice(SCENE_PROMPTS)), scene.label.name
 
 
 def vqa_round(rng: np.random.Generator, scene: Scene, question_type: str) -> tuple[str, str]:

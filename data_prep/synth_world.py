@@ -151,11 +151,22 @@ class SceneObject:
 
 @dataclass
 class Scene:
-    """A rendered scene: its class, its objects (in placement order; obj_ids index this list) and the image."""
+    """A rendered scene: its class, its objects (in placement order; obj_ids index this list) and the image.
+
+    ``scene_class`` shaped the scene (texture, objects) and is the correct answer. ``label_class`` is what an
+    annotator wrote: the same class, except for ambiguous scenes (``data_prep.synth_balanced``) whose label is drawn
+    from a posterior; ``posterior`` is then P(label = scene_class | image), else 1.
+    """
 
     scene_class: SceneClass
     objects: list[SceneObject]
     image: Image.Image
+    label_class: SceneClass | None = None
+    posterior: float = 1.0
+
+    @property
+    def label(self) -> SceneClass:
+        return self.label_class or self.scene_class
 
 
 def size_group_of_area(area: float) -> str:
@@ -244,20 +255,29 @@ def _sample_object(rng: np.random.Generator, kind: ObjectKind, aligned: bool) ->
 
 
 def place_objects(rng: np.random.Generator, scene_class: SceneClass, masks: dict[str, np.ndarray] | None,
-                  attempts_per_object: int = 40) -> list[SceneObject]:
+                  attempts_per_object: int = 40, counts: dict[str, int] | None = None) -> list[SceneObject]:
     """Objects for one scene: per kind a target count from the class's range, placed without overlap.
 
     ``masks`` maps region names to (S, S) bool masks; an object whose kind has a region must have its centre pixel
-    in it. None means anywhere (text-only scenes). An object that finds no free spot is dropped, so the returned
-    list (never the target) is the truth for counts.
+    in it. None means anywhere (text-only scenes). ``counts`` fixes the target count of some kinds (also kinds the
+    class does not list; they come after the class's own kinds, in OBJECT_KINDS order). An object that finds no
+    free spot is dropped, so the returned list (never the target) is the truth for counts.
     """
     objects: list[SceneObject] = []
     radii: list[float] = []
     aligned = scene_class.name in ("dense residential", "sparse residential", "industrial area")
-    for kind_name, (low, high) in scene_class.object_counts.items():
+    counts = counts or {}
+    kinds = list(scene_class.object_counts) + [name for name in OBJECT_KINDS
+                                               if name in counts and name not in scene_class.object_counts]
+    for kind_name in kinds:
         kind = OBJECT_KINDS[kind_name]
         region = None if masks is None else masks.get(scene_class.regions.get(kind_name, ""))
-        for _ in range(int(rng.integers(low, high + 1))):
+        if kind_name in counts:
+            target = counts[kind_name]
+        else:
+            low, high = scene_class.object_counts[kind_name]
+            target = int(rng.integers(low, high + 1))
+        for _ in range(target):
             for _ in range(attempts_per_object):
                 candidate = _sample_object(rng, kind, aligned)
                 if candidate is None:
@@ -277,11 +297,13 @@ def place_objects(rng: np.random.Generator, scene_class: SceneClass, masks: dict
     return objects
 
 
-def render_scene(rng: np.random.Generator, scene_class: SceneClass, image_size: int) -> Scene:
-    """Texture, imaging conditions, object placement and drawing for one scene of ``scene_class``."""
+def render_scene(rng: np.random.Generator, scene_class: SceneClass, image_size: int,
+                 counts: dict[str, int] | None = None) -> Scene:
+    """Texture, imaging conditions, object placement and drawing for one scene of ``scene_class``
+    (``counts``: see ``place_objects``)."""
     background, masks = TEXTURES[scene_class.name](rng, image_size)
     background = imaging_conditions(rng, background)
-    objects = place_objects(rng, scene_class, masks)
+    objects = place_objects(rng, scene_class, masks, counts=counts)
     return Scene(scene_class, objects, draw_objects(background, objects))
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from rouge_score import rouge_scorer
 
 from kd_pipeline.eval.records import answer_text, split_missing_ground_truth
+from kd_pipeline.eval.uncertainty import mean_se
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def meteor_backend() -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
-def meteor_jar_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus METEOR 1.5 of hypotheses against their references via pycocoevalcap's jar wrapper.
+def meteor_jar_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
+    """(corpus METEOR 1.5, per-segment scores) of hypotheses against their references via pycocoevalcap's jar
+    wrapper; the segment scores give the standard error.
 
     The wrapper speaks a line protocol with the jar: newlines and its "|||" separator are removed from the text
     first, and an empty hypothesis is sent as "" (scores 0).
@@ -112,17 +114,17 @@ def meteor_jar_score(hypotheses: Sequence[str], references: Sequence[Sequence[st
     references_by_id = {index: [one_line(text) for text in refs] for index, refs in enumerate(references)}
     scorer = Meteor()
     try:
-        score, _ = scorer.compute_score(references_by_id, hypothesis_by_id)
+        score, segment_scores = scorer.compute_score(references_by_id, hypothesis_by_id)
     finally:
         # compute_score leaves its lock held when the jar answers garbage or dies, and the wrapper's __del__
         # (which stops the JVM) would then block forever on that lock.
         if scorer.lock.locked():
             scorer.lock.release()
-    return float(score)
+    return float(score), [float(value) for value in segment_scores]
 
 
-def meteor_nltk_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean of NLTK's sentence METEOR over samples (lowercased word/punctuation tokens)."""
+def meteor_nltk_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
+    """(mean, per-sample scores) of NLTK's sentence METEOR (lowercased word/punctuation tokens)."""
     from nltk.translate.meteor_score import meteor_score
 
     def tokens(text: str) -> list[str]:
@@ -132,7 +134,7 @@ def meteor_nltk_score(hypotheses: Sequence[str], references: Sequence[Sequence[s
         meteor_score([tokens(reference) for reference in refs], tokens(hypothesis)) if hypothesis else 0.0
         for hypothesis, refs in zip(hypotheses, references)
     ]
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores), scores
 
 
 def score_region_captioning(
@@ -167,24 +169,25 @@ def score_region_captioning(
         raise ValueError("region_captioning: no record has a non-empty reference caption")
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=use_stemmer)
-    rouge1_total = rouge_l_total = 0.0
+    rouge1_scores, rouge_l_scores = [], []
     for hypothesis, refs in zip(hypotheses, references):
-        if not hypothesis:
-            continue
-        scores = scorer.score_multi(refs, hypothesis)
-        rouge1_total += scores["rouge1"].fmeasure
-        rouge_l_total += scores["rougeL"].fmeasure
+        scores = scorer.score_multi(refs, hypothesis) if hypothesis else None
+        rouge1_scores.append(scores["rouge1"].fmeasure if scores else 0.0)
+        rouge_l_scores.append(scores["rougeL"].fmeasure if scores else 0.0)
 
-    meteor_value, backend, note = _meteor(hypotheses, references, meteor)
+    meteor_value, segment_scores, backend, note = _meteor(hypotheses, references, meteor)
     return {
         "task": "region_captioning",
         "n": len(hypotheses),
         "unparsable": unparsable,
         "skipped_no_ground_truth": skipped,
-        "rouge1": rouge1_total / len(hypotheses),
-        "rougeL": rouge_l_total / len(hypotheses),
+        "rouge1": sum(rouge1_scores) / len(hypotheses),
+        "rouge1_se": mean_se(rouge1_scores),
+        "rougeL": sum(rouge_l_scores) / len(hypotheses),
+        "rougeL_se": mean_se(rouge_l_scores),
         "rouge_stemmer": use_stemmer,
         "meteor": meteor_value,
+        "meteor_se": mean_se(segment_scores) if segment_scores else None,
         "meteor_backend": backend,
         "meteor_note": note,
     }
@@ -192,20 +195,21 @@ def score_region_captioning(
 
 def _meteor(
     hypotheses: Sequence[str], references: Sequence[Sequence[str]], mode: str
-) -> tuple[float | None, str | None, str]:
+) -> tuple[float | None, list[float], str | None, str]:
+    """(METEOR, per-segment scores, backend, note); (None, [], None, why) when it cannot be computed."""
     if mode == "off":
-        return None, None, "METEOR switched off"
+        return None, [], None, "METEOR switched off"
     backend, note = meteor_backend()
     if backend == METEOR_JAR:
         try:
-            return meteor_jar_score(hypotheses, references), METEOR_JAR, note
+            return *meteor_jar_score(hypotheses, references), METEOR_JAR, note
         except (OSError, ValueError, BrokenPipeError) as error:
             note = f"METEOR 1.5 jar failed ({type(error).__name__}: {error})"
             logger.warning("%s", note)
             backend = METEOR_NLTK if wordnet_available() else None
             if backend is None:
-                return None, None, note + "; NLTK WordNet data not installed"
+                return None, [], None, note + "; NLTK WordNet data not installed"
     if backend == METEOR_NLTK:
-        return meteor_nltk_score(hypotheses, references), METEOR_NLTK, note
+        return *meteor_nltk_score(hypotheses, references), METEOR_NLTK, note
     logger.warning("METEOR unavailable: %s", note)
-    return None, None, note
+    return None, [], None, note

@@ -32,6 +32,7 @@ from kd_pipeline.eval.boxes import (
 )
 from kd_pipeline.eval.images import ImageSizeLookup, record_image_size
 from kd_pipeline.eval.records import answer_text, split_missing_ground_truth
+from kd_pipeline.eval.uncertainty import binomial_se, mean_se
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,14 @@ def score_referring(
 
 
 def _accuracies(ious: Sequence[float], thresholds: Sequence[float]) -> dict[str, float]:
-    metrics = {f"acc@{threshold:g}": sum(iou >= threshold for iou in ious) / len(ious) for threshold in thresholds}
+    """acc@t (and its binomial ``acc@t_se``) per threshold, mean IoU and the SE of that mean."""
+    metrics: dict[str, float] = {}
+    for threshold in thresholds:
+        accuracy = sum(iou >= threshold for iou in ious) / len(ious)
+        metrics[f"acc@{threshold:g}"] = accuracy
+        metrics[f"acc@{threshold:g}_se"] = binomial_se(accuracy, len(ious))
     metrics["mean_iou"] = sum(ious) / len(ious)
+    metrics["mean_iou_se"] = mean_se(ious)
     return metrics
 
 

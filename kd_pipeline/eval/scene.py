@@ -5,7 +5,7 @@ part of question_id before the first "/" ("<ClassName>/<file>"), lowercased. Whe
 record's ground_truth is the class. Both sides go through the same normalisation (`records.normalize_label`).
 
 Metrics (fractions in [0, 1]):
-- oa: overall accuracy, correct / scored records;
+- oa: overall accuracy, correct / scored records (``oa_se``: its binomial standard error; ``aa_se`` likewise);
 - aa: average accuracy, the unweighted mean of the per-class accuracies (differs from OA on unbalanced sets);
 - per_class: accuracy of each class (keyed by normalised class name);
 - confusion: rows are true classes, columns are predicted classes plus a last "<unparsable>" column for answers
@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kd_pipeline.eval.records import answer_text, canonical_record, normalize_label
+from kd_pipeline.eval.uncertainty import binomial_se, mean_of_groups_se
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +81,16 @@ def score_scene(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
     per_class = {label: matrix[row_of[label]][column_of[label]] / sum(matrix[row_of[label]]) for label in classes}
     correct = sum(matrix[row_of[label]][column_of[label]] for label in classes)
+    class_ses = [binomial_se(per_class[label], sum(matrix[row_of[label]])) for label in classes]
     return {
         "task": "scene",
         "n": len(true_labels),
         "unparsable": predicted_labels.count(UNPARSABLE_LABEL),
         "skipped_no_ground_truth": skipped,
         "oa": correct / len(true_labels),
+        "oa_se": binomial_se(correct / len(true_labels), len(true_labels)),
         "aa": sum(per_class.values()) / len(per_class),
+        "aa_se": mean_of_groups_se(class_ses),
         "per_class": per_class,
         "confusion": {"true_labels": classes, "predicted_labels": column_labels, "matrix": matrix},
     }

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kd_pipeline.eval.records import answer_text, normalize_label, split_missing_ground_truth
+from kd_pipeline.eval.uncertainty import binomial_se, mean_of_groups_se
 
 TYPE_ALIASES = {
     "comp": "comparison",
@@ -69,13 +70,18 @@ def score_vqa(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             correct_by_type[record_type] += 1
 
     accuracy_by_type = {name: correct_by_type[name] / n_by_type[name] for name in sorted(n_by_type)}
+    se_by_type = {name: binomial_se(accuracy_by_type[name], n_by_type[name]) for name in accuracy_by_type}
+    overall = sum(correct_by_type.values()) / len(scored)
     return {
         "task": "vqa",
         "n": len(scored),
         "unparsable": unparsable,
         "skipped_no_ground_truth": skipped,
-        "oa": sum(correct_by_type.values()) / len(scored),
+        "oa": overall,
+        "oa_se": binomial_se(overall, len(scored)),
         "moa": sum(accuracy_by_type.values()) / len(accuracy_by_type),
+        "moa_se": mean_of_groups_se(list(se_by_type.values())),
         "accuracy_by_type": accuracy_by_type,
+        "se_by_type": se_by_type,
         "n_by_type": dict(sorted(n_by_type.items())),
     }

@@ -107,7 +107,10 @@ def test_referring_scores_by_threshold_type_and_size_group():
     assert metrics["acc@0.5"] == pytest.approx(2 / 4)
     assert metrics["acc@0.25"] == pytest.approx(3 / 4)
     assert metrics["mean_iou"] == pytest.approx((1 + 2 / 3 + 1 / 3 + 0) / 4)
-    assert metrics["by_type"]["ref"] == pytest.approx({"n": 2, "acc@0.5": 1.0, "acc@0.25": 1.0, "mean_iou": 5 / 6})
+    assert metrics["acc@0.5_se"] == pytest.approx((0.5 * 0.5 / 4) ** 0.5)
+    # IoUs 1 and 2/3: sample standard deviation sqrt(2)/6, over sqrt(2)
+    assert metrics["by_type"]["ref"] == pytest.approx({"n": 2, "acc@0.5": 1.0, "acc@0.5_se": 0.0, "acc@0.25": 1.0,
+                                                       "acc@0.25_se": 0.0, "mean_iou": 5 / 6, "mean_iou_se": 1 / 6})
     assert metrics["by_size_group"]["large"]["acc@0.25"] == pytest.approx(0.5)
 
 
