@@ -14,7 +14,7 @@ export DS_ACCELERATOR ?= cpu
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast test-gpu demo demo-quick bench gpu-check clean
+.PHONY: setup test test-fast test-gpu demo demo-quick repro bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: setup
 demo-quick: setup
 	$(PY) -m kd_pipeline.demo --out demo_out_quick --quick
 
+# The controlled 5-seed experiment (kd_pipeline/repro/design.py); hours on 2 CPU cores, resumable: run it again.
+repro: setup
+	$(PY) -m kd_pipeline.repro --out repro_out --results bench/results/repro_cpu.json
+
 bench: setup
 	$(PY) -m bench.run_all
 
@@ -51,4 +55,4 @@ gpu-check: setup
 	$(PY) -m bench.gpu_check
 
 clean:
-	rm -rf demo_out demo_out_quick .pytest_cache
+	rm -rf demo_out demo_out_quick repro_out .pytest_cache

@@ -15,6 +15,9 @@
     # generation over the benchmarks (kd_pipeline/eval/run.py, imported only when asked for)
     python -m kd_pipeline.eval run ...
 
+    # per-token teacher-student agreement on held-out answers (kd_pipeline/eval/agreement.py)
+    python -m kd_pipeline.eval agreement --teacher DIR --student DIR --data DIR [--json]
+
 Exit status: 0 on success, 2 on bad input (the message names the file or field and what to do).
 """
 
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", add_help=False,
                         help=f"generate benchmark answers ({RUN_MODULE}; arguments pass through)")
+    commands.add_parser("agreement", add_help=False,
+                        help="teacher-student agreement on held-out answers: NLL, KL(p_T||p_S), top-1 "
+                             "(kd_pipeline/eval/agreement.py; arguments pass through)")
     return parser
 
 
@@ -132,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "run":
         return _run(argv[1:])
+    if argv and argv[0] == "agreement":
+        from kd_pipeline.eval.agreement import main as agreement_main
+
+        return agreement_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "score":

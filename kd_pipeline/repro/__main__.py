@@ -1,0 +1,138 @@
+"""``python -m kd_pipeline.repro`` (``make repro``): does the distillation beat training the student alone?
+
+Runbook::
+
+    make repro                                    # 5 seeds x 3 conditions at the CPU scale -> bench/results/repro_cpu.json
+    python -m kd_pipeline.repro --out repro_out --seeds 5 --jobs 2 --results bench/results/repro_cpu.json
+    python -m kd_pipeline.repro --out /tmp/r --quick   # minutes: the machinery at toy sizes (the test suite's)
+    python -m kd_pipeline.repro --out repro_out --report-only     # re-collect the table from what has run
+
+An interrupted run continues where it stopped: run the same command again (completed tasks are skipped, a cut
+training run resumes from its checkpoint). The experiment's design and pass rule are in kd_pipeline/repro/design.py
+and were fixed before any number was seen; the output states plainly whether the rule held.
+
+Output: ``--results`` (JSON: the design, per seed / condition / arm / metric the value and its standard error, the
+image-free baselines, the paired differences with p-values, the world checks, timings and the verdict);
+``<out>/report.md`` (the tables) and ``<out>/paired_differences.png``.
+Exit status: 0 when every task ran (whatever the verdict), 1 when a task failed (its log is named), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from kd_pipeline.repro import design, report
+from kd_pipeline.repro.runner import Runner, TaskFailed
+from kd_pipeline.repro.tasks import SeedPaths, SeedTasks, WORLD_OF, eval_of
+
+log = logging.getLogger("kd_pipeline.repro")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kd_pipeline.repro", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("repro_out"), help="working folder (re-used to continue)")
+    parser.add_argument("--seeds", type=int, default=len(design.DEFAULT_SEEDS), help="number of seeds 0..n-1 (5)")
+    parser.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
+    parser.add_argument("--conditions", default=",".join(design.CONDITIONS),
+                        help=f"comma-separated subset of {','.join(design.CONDITIONS)}")
+    parser.add_argument("--scale", choices=sorted(design.SCALES), default="cpu", help="cpu (the experiment) or quick")
+    parser.add_argument("--quick", action="store_true", help="same as --scale quick")
+    parser.add_argument("--jobs", type=int, default=2, help="tasks run at once (one CPU process each; default 2)")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON (default <out>/results.json)")
+    parser.add_argument("--report-only", action="store_true", help="collect and report what has run; train nothing")
+    return parser.parse_args(argv)
+
+
+def collect(out: Path, seeds: list[int], conditions: tuple[str, ...]) -> dict:
+    """{seed: {condition: {arm | teacher | image_free: {metric: {value, se}}}}} from the evaluation files that
+    exist (a seed with a missing file is left out of the summary and listed under "incomplete")."""
+    per_seed: dict[str, dict] = {}
+    for seed in seeds:
+        paths = SeedPaths(out / f"seed{seed}")
+        entry: dict[str, dict] = {}
+        for condition in conditions:
+            files = {arm: eval_of(paths, condition, arm, conditions) for arm in design.ARMS}
+            files["teacher"] = paths.eval(WORLD_OF[condition], "teacher")
+            files["image_free"] = paths.eval(condition, "image_free")
+            if not all(path.is_file() for path in files.values()):
+                break
+            entry[condition] = {arm: (report.extract_image_free if arm == "image_free" else report.extract)(
+                json.loads(path.read_text())) for arm, path in files.items()}
+        else:
+            per_seed[str(seed)] = entry
+    return per_seed
+
+
+def timings(runner: Runner, seeds: list[int]) -> dict:
+    markers = runner.timings()
+    by_seed = {}
+    for seed in seeds:
+        mine = {name: marker for name, marker in markers.items() if marker.get("group") == f"seed{seed}"}
+        by_seed[f"seed{seed}"] = {"task_seconds_sum": sum(marker["seconds"] for marker in mine.values()),
+                                  "tasks": {name: round(marker["seconds"], 1) for name, marker in mine.items()}}
+    return by_seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    scale_name = "quick" if args.quick else args.scale
+    scale = design.SCALES[scale_name]
+    conditions = tuple(name.strip() for name in args.conditions.split(",") if name.strip())
+    unknown = [name for name in conditions if name not in design.CONDITIONS]
+    if unknown or not conditions or args.seeds < 1 or args.jobs < 1:
+        print(f"error: --conditions {args.conditions!r} (known: {', '.join(design.CONDITIONS)}), --seeds {args.seeds} "
+              f"and --jobs {args.jobs} must name known conditions and be at least 1", file=sys.stderr)
+        return 2
+    out = args.out.resolve()
+    try:
+        seeds = [int(seed) for seed in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    except ValueError:
+        print(f"error: --seed-list {args.seed_list!r} must be comma-separated integers", file=sys.stderr)
+        return 2
+    runner = Runner(state_dir=out / "state", log_dir=out / "logs", jobs=args.jobs,
+                    env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))})
+    tasks = [task for seed in seeds for task in SeedTasks(runner, scale, seed, out, conditions).build()]
+    started = time.time()
+    status = 0
+    if not args.report_only:
+        log.info("%d tasks for %d seed(s) x %s at the %s scale, %d at a time; logs in %s", len(tasks), len(seeds),
+                 ",".join(conditions), scale_name, args.jobs, out / "logs")
+        try:
+            runner.run(tasks)
+        except TaskFailed as error:
+            log.error("stopped: %s\nrun the same command again to continue", error)
+            status = 1
+    per_seed = collect(out, seeds, conditions)
+    payload = {"design": {"version": design.DESIGN_VERSION, "scale": scale_name,
+                          "scale_values": dataclasses.asdict(scale), "conditions": conditions,
+                          "arms": design.ARMS, "comparisons": design.COMPARISONS,
+                          "primary_metric": design.PRIMARY_METRIC, "alpha": design.ALPHA,
+                          "pass_rule": design.pass_rule_text(),
+                          "recipes": {"stage1_lr": design.STAGE1_LR, "kd_alpha": design.KD_ALPHA,
+                                      "kd_temperature": design.KD_TEMPERATURE, "align_weight": design.ALIGN_WEIGHT,
+                                      "stage2_lr": design.STAGE2_LR}},
+               "per_seed": per_seed, "incomplete_seeds": [seed for seed in seeds if str(seed) not in per_seed],
+               "timings": timings(runner, seeds), "wall_seconds_this_invocation": time.time() - started,
+               "machine": {"cpus": os.cpu_count(), "jobs": args.jobs}}
+    if per_seed:
+        payload["summary"] = report.summarise(per_seed, conditions)
+        text = report.markdown(payload["summary"])
+        (out / "report.md").write_text(text + "\n")
+        report.plot(payload["summary"], out / "paired_differences.png")
+        print(text)
+    report.write_results(args.results or out / "results.json", payload)
+    log.info("results: %s", args.results or out / "results.json")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

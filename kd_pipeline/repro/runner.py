@@ -1,0 +1,138 @@
+"""A small dependency-ordered task runner with completion markers: what makes ``make repro`` resumable.
+
+A task is a name, the names it depends on, and an action (a Python callable that may start subprocesses). Up to
+``jobs`` tasks run at once, each in a thread (the threads mostly wait on subprocesses). A task that succeeds writes
+``state/<name>.json`` (its wall time) last; on the next start every task with a marker is skipped and a task cut
+short runs again (training runs resume from their own checkpoints, exports and evaluations write atomically).
+A failure stops scheduling new tasks, lets running ones finish, and raises ``TaskFailed`` naming the task and its
+log.
+
+Why not a workflow engine (snakemake, luigi, make): none is among the project's dependencies, and what is needed —
+a DAG, parallel subprocesses, markers, one log per task — is this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("kd_pipeline.repro")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TaskFailed(RuntimeError):
+    """A task's command failed; the message names the task and its log."""
+
+
+@dataclass
+class Task:
+    name: str
+    action: Callable[["Task"], None]
+    deps: tuple[str, ...] = ()
+    log_path: Path | None = None
+    group: str = ""  # e.g. "seed0" (timings are summed per group)
+
+
+@dataclass
+class Runner:
+    state_dir: Path
+    log_dir: Path
+    jobs: int = 2
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run_command(self, task: Task, command: Sequence[str]) -> None:
+        """Run ``command`` from the repository root, appending its output to the task's log; raise on failure."""
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       **self.env}
+        task.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(task.log_path, "a") as handle:
+            handle.write(f"$ {' '.join(str(part) for part in command)}\n")
+            handle.flush()
+            result = subprocess.run([str(part) for part in command], cwd=ROOT, env=environment, stdout=handle,
+                                    stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = task.log_path.read_text(errors="replace").splitlines()[-15:]
+            raise TaskFailed(f"task {task.name} failed (exit {result.returncode}); last lines of {task.log_path}:\n"
+                             + "\n".join(tail))
+
+    def python(self, task: Task, *arguments: str) -> None:
+        self.run_command(task, [sys.executable, "-m", *arguments])
+
+    def marker(self, name: str) -> Path:
+        return self.state_dir / f"{name}.json"
+
+    def timings(self) -> dict[str, dict]:
+        """{task name: marker contents} of every completed task."""
+        return {path.stem: json.loads(path.read_text()) for path in sorted(self.state_dir.glob("*.json"))}
+
+    def run(self, tasks: Sequence[Task]) -> None:
+        """Run every task not yet marked complete, respecting dependencies, ``jobs`` at a time."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        by_name = {task.name: task for task in tasks}
+        for task in tasks:
+            unknown = [dep for dep in task.deps if dep not in by_name]
+            if unknown:
+                raise ValueError(f"task {task.name} depends on unknown tasks {unknown}")
+            task.log_path = task.log_path or self.log_dir / f"{task.name}.log"
+        done = {task.name for task in tasks if self.marker(task.name).is_file()}
+        pending = [task for task in tasks if task.name not in done]
+        if done:
+            log.info("%d of %d tasks already complete (markers in %s): skipped", len(done), len(tasks),
+                     self.state_dir)
+        running: dict[Future, Task] = {}
+        failure: TaskFailed | None = None
+        lock = threading.Lock()
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool, \
+                tqdm(total=len(tasks), initial=len(done), unit="task", desc="repro") as progress:
+            while pending or running:
+                ready = [task for task in pending if all(dep in done for dep in task.deps)] if failure is None else []
+                for task in ready[: self.jobs - len(running)]:
+                    pending.remove(task)
+                    running[pool.submit(self._timed, task)] = task
+                    progress.set_postfix_str(", ".join(sorted(t.name for t in running.values()))[-60:])
+                if not running:
+                    if failure is None and pending:
+                        raise ValueError(f"tasks that can never start (a dependency cycle?): "
+                                         f"{[task.name for task in pending]}")
+                    break
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = running.pop(future)
+                    try:
+                        future.result()
+                    except TaskFailed as error:
+                        failure = failure or error
+                        log.error("%s", error)
+                        continue
+                    with lock:
+                        done.add(task.name)
+                    progress.update(1)
+        if failure is not None:
+            raise failure
+
+    def _timed(self, task: Task) -> None:
+        log.info("start %s", task.name)
+        start = time.perf_counter()
+        try:
+            task.action(task)
+        except TaskFailed:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported with the task's name, then the run stops
+            raise TaskFailed(f"task {task.name} failed: {type(error).__name__}: {error}") from error
+        seconds = time.perf_counter() - start
+        temporary = self.marker(task.name).with_suffix(".tmp")
+        temporary.write_text(json.dumps({"seconds": seconds, "group": task.group,
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        os.replace(temporary, self.marker(task.name))
+        log.info("done %s in %.0f s", task.name, seconds)
