@@ -47,7 +47,7 @@ def _box_features(text: str) -> np.ndarray | None:
     if not boxes:
         return None
     box = boxes[0]
-    return np.array([box.x2 - box.x1, box.y2 - box.y1, box.angle / 10.0])
+    return np.array([box.x2 - box.x1, box.y2 - box.y1, box.angle_deg / 10.0])
 
 
 def _mean_box_text(boxes: list) -> str:
