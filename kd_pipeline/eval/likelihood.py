@@ -12,11 +12,11 @@ closed-set decision needs; the closing ``</s>`` keeps a candidate that is a pref
 residential") from winning by stopping early. Ties go to the first candidate in the given order.
 
 Sequences are tokenized exactly as training tokenizes an answer (``prompts.encode_conversation`` with the
-evaluation template): the labelled positions are the answer tokens and ``</s>``. Each (question, candidate) pair
-is one row of a right-padded batch; only the labelled positions go through the LM head, so the (B, L, V) logits
-of a real 32k vocabulary are never formed. (A shared-prefix KV cache would save the repeated prompt, but at the
-sizes this runs at the batch is already cheap, and one plain forward is the easiest thing to check against
-transformers.)
+evaluation template): the labelled positions are the answer tokens and ``</s>``. Each question's prompt is
+run once (with its image) and its KV cache is repeated for each of its candidates, whose few tokens then run on
+top (``prefix_cached_logprobs``): 10 scene classes cost one prompt forward plus 10 x 3 tokens, not 10 prompt
+forwards. ``answer_token_logits`` (teacher-forced full sequences, used by ``eval.agreement``) sends only the
+labelled positions through the LM head, so the (B, L, V) logits of a real 32k vocabulary are never formed.
 """
 
 from __future__ import annotations
@@ -82,38 +82,83 @@ def answer_token_logits(model, sequences: Sequence[AnswerSequence], pixel_values
     return logits, targets[labelled], rows
 
 
-def sequence_logprobs(model, sequences: Sequence[AnswerSequence], pixel_values: torch.Tensor) -> torch.Tensor:
-    """log p(answer + </s> | prompt) per sequence, (B,) float32."""
-    logits, targets, rows = answer_token_logits(model, sequences, pixel_values)
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-    return torch.zeros(len(sequences), device=logits.device).index_add_(0, rows, token_logprobs)
-
-
 @dataclass(frozen=True)
 class Choice:
     answer: str                  # the chosen candidate
     logprobs: dict[str, float]   # every candidate's log-likelihood
 
 
+def candidate_tokens(question: str, candidate: str, prompt_ids: list[int], tokenizer, image_token_id: int,
+                     num_image_tokens: int) -> list[int]:
+    """The answer tokens (+ ``</s>``) of ``candidate`` as training tokenizes them; they must follow the evaluation
+    prompt's own tokens unchanged (checked), so the prompt can be run once for every candidate."""
+    sequence = answer_sequence(question, candidate, tokenizer, image_token_id, num_image_tokens)
+    start = next(index for index, label in enumerate(sequence.labels) if label != IGNORE_INDEX)
+    if sequence.input_ids[:start] != prompt_ids:
+        raise ValueError(f"the prompt of {question!r} tokenizes differently once {candidate!r} follows it")
+    return sequence.input_ids[start:]
+
+
+@torch.inference_mode()
+def prefix_cached_logprobs(model, prompt_ids: list[list[int]], pixel_values: torch.Tensor,
+                           answers: list[list[list[int]]]) -> list[list[float]]:
+    """log p(answer | prompt) for every candidate of every prompt, running each prompt (and its image) once.
+
+    The prompts are left-padded with positions counted over real tokens (as ``generate`` does); their KV cache is
+    repeated once per candidate (``Cache.batch_select_indices``) and the right-padded candidate tokens run on top.
+    ``pixel_values`` (Q, 3, S, S) on the model's device; ``answers[q]`` is the token list of each candidate of q."""
+    from kd_pipeline.eval.generate import left_pad
+
+    device = pixel_values.device
+    input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompt_ids))  # (Q, P)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (Q, P)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+    first_logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)  # (Q, V): predicts answer token 0
+    rows = [(question, tokens) for question, options in enumerate(answers) for tokens in options]
+    cache = output.past_key_values
+    cache.batch_select_indices(torch.tensor([question for question, _ in rows], device=device))
+    length = max(len(tokens) for _, tokens in rows)
+    candidate_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long, device=device)  # (R, A)
+    candidate_mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for row, (_, tokens) in enumerate(rows):
+        candidate_ids[row, :len(tokens)] = torch.tensor(tokens, device=device)
+        candidate_mask[row, :len(tokens)] = 1
+    prompt_rows = torch.tensor([question for question, _ in rows], device=device)
+    start = attention_mask.sum(-1)[prompt_rows]  # (R,) real prompt length = first answer position
+    logits = model(input_ids=candidate_ids, past_key_values=cache, use_cache=True,
+                   attention_mask=torch.cat([attention_mask[prompt_rows], candidate_mask], dim=1),
+                   position_ids=start[:, None] + torch.arange(length, device=device)[None]).logits  # (R, A, V)
+    later = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, candidate_ids[:, 1:, None]).squeeze(-1)
+    first = first_logprobs[prompt_rows].gather(-1, candidate_ids[:, :1]).squeeze(-1)  # (R,)
+    totals = (first + (later * candidate_mask[:, 1:]).sum(-1)).tolist()  # (R,)
+    scores, cursor = [], 0
+    for options in answers:
+        scores.append(totals[cursor:cursor + len(options)])
+        cursor += len(options)
+    return scores
+
+
 def forced_choice(eval_model, questions: Sequence[str], pixel_values: torch.Tensor,
-                  candidates: Sequence[Sequence[str]], batch_rows: int = 64) -> list[Choice]:
+                  candidates: Sequence[Sequence[str]], batch_questions: int = 16) -> list[Choice]:
     """The highest-likelihood candidate for each question (module doc), ``pixel_values`` (Q, 3, S, S)."""
+    from kd_pipeline.eval.generate import encode_question
+
     if len(questions) != pixel_values.shape[0] or len(questions) != len(candidates):
         raise ValueError(f"{len(questions)} questions, {pixel_values.shape[0]} images, {len(candidates)} candidate "
                          "lists: give one of each per question")
-    pairs = [(index, candidate) for index, options in enumerate(candidates) for candidate in options]
-    sequences = [answer_sequence(questions[index], candidate, eval_model.tokenizer, eval_model.image_token_id,
-                                 eval_model.num_image_tokens) for index, candidate in pairs]
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_rows):
-        chunk = slice(start, start + batch_rows)
-        image_index = torch.tensor([index for index, _ in pairs[chunk]])
-        images = pixel_values[image_index].to(eval_model.device, eval_model.dtype)  # (b, 3, S, S)
-        scores.extend(sequence_logprobs(eval_model.model, sequences[chunk], images).tolist())
-    choices, cursor = [], 0
-    for options in candidates:
-        logprobs = dict(zip(options, scores[cursor:cursor + len(options)]))
-        cursor += len(options)
-        best = max(options, key=lambda option: (logprobs[option], -options.index(option)))
-        choices.append(Choice(best, logprobs))
+    choices = []
+    for start in range(0, len(questions), batch_questions):
+        chunk = slice(start, start + batch_questions)
+        prompts = [encode_question(question, eval_model.tokenizer, eval_model.image_token_id,
+                                   eval_model.num_image_tokens) for question in questions[chunk]]
+        answers = [[candidate_tokens(question, option, prompt, eval_model.tokenizer, eval_model.image_token_id,
+                                     eval_model.num_image_tokens) for option in options]
+                   for question, prompt, options in zip(questions[chunk], prompts, candidates[chunk])]
+        images = pixel_values[chunk].to(eval_model.device, eval_model.dtype)
+        for options, scores in zip(candidates[chunk], prefix_cached_logprobs(eval_model.model, prompts, images,
+                                                                            answers)):
+            logprobs = dict(zip(options, scores))
+            best = max(range(len(options)), key=lambda index: (scores[index], -index))
+            choices.append(Choice(options[best], logprobs))
     return choices

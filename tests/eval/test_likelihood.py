@@ -46,7 +46,7 @@ def brute_force_logprob(eval_model: EvalModel, question: str, answer: str, pixel
 def test_forced_choice_equals_brute_force_and_picks_the_argmax(eval_model):
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(len(QUESTIONS), 3, eval_model.image_size, eval_model.image_size, generator=generator)
-    choices = forced_choice(eval_model, QUESTIONS, pixel_values, CANDIDATES, batch_rows=4)  # rows span batches
+    choices = forced_choice(eval_model, QUESTIONS, pixel_values, CANDIDATES, batch_questions=2)  # 2 chunks
     for question, options, image, choice in zip(QUESTIONS, CANDIDATES, pixel_values, choices):
         expected = {option: brute_force_logprob(eval_model, question, option, image) for option in options}
         assert choice.logprobs == pytest.approx(expected, abs=2e-4)
