@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.synth_balanced import (AMBIGUOUS_PAIRS, HEADLINE_WEIGHTS, POSTERIOR_TEMPERATURE, balanced_vqa,
-                                     headline_record, make_scene)
+from data_prep.synth_balanced import (AMBIGUOUS_PAIRS, HEADLINE_WEIGHTS, POSTERIOR_TEMPERATURE, REPRO_VQA_TYPES,
+                                     balanced_vqa, headline_record, make_scene)
 from data_prep.synth_text import (BENCH_SCENE_PROMPT, GROUP_REFER_PROMPT, VQA_SUFFIX, VQA_TYPES, boxes_text, conversation,
                                   corpus_document, referring_expressions, region_caption, vqa_round)
 from data_prep.synth_world import (SCENE_CLASSES, Scene, place_objects, render_scene, size_group_of_area,
@@ -163,10 +163,11 @@ def scene_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image
 
 def vqa_bench(rng: np.random.Generator, image_dir: Path, bench_num: int, image_size: int,
               profile: Profile = Profile()) -> list[dict]:
-    """The four question types equally often, in shuffled order: two questions per image (``geochat``) or one
-    image drawn for each question with balanced answers (``repro``)."""
+    """The question types equally often, in shuffled order: the four geochat types with two questions per image,
+    or LRBEN's three with one image drawn for each question and balanced answers (``repro``)."""
     rows, classes = [], _balanced_classes(rng)
-    question_types = [VQA_TYPES[index % len(VQA_TYPES)] for index in range(bench_num)]
+    types = REPRO_VQA_TYPES if profile.name == "repro" else VQA_TYPES
+    question_types = [types[index % len(types)] for index in range(bench_num)]
     rng.shuffle(question_types)
     for index, question_type in enumerate(question_types):
         if profile.name == "repro":
