@@ -173,11 +173,24 @@ def consolidated_state(folder: Path) -> dict:
         raise ExportError(f"DeepSpeed cannot consolidate {folder}: {error}") from error
     for line in captured.getvalue().splitlines():
         log.debug("zero_to_fp32: %s", line)
+    state = {**frozen_module_tensors(folder, exclude=state), **state}
     unknown = [key for key in state if not key.startswith(MODULE_PREFIXES)]
     if unknown:
         raise ExportError(f"{folder} holds {len(unknown)} tensors outside the student module (e.g. {unknown[0]}): "
                           f"not a kd_pipeline student checkpoint")
     return state
+
+
+def frozen_module_tensors(folder: Path, exclude) -> dict[str, torch.Tensor]:
+    """Tensors of the model-states file's full ``module`` that the consolidation left out.
+
+    Under ZeRO-1/2 the fp32 consolidation covers only the optimizer's parameters, so frozen ones (the CLIP tower)
+    are missing from it; those stages store every module weight in full in ``*_model_states.pt``, and a frozen
+    weight is never updated, so that copy is exact. Under ZeRO-3 the file holds empty placeholders and nothing is
+    taken (DeepSpeed consolidates frozen parameters itself there)."""
+    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    module = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True).get("module") or {}
+    return {key: value for key, value in module.items() if key not in exclude and value.numel() > 0}
 
 
 # ----------------------------------------------------------------------------------------------------- rebuild

@@ -34,3 +34,6 @@ def test_ds_config_resolves(path, monkeypatch):
     assert resolved["bf16"]["enabled"] is False
     teacher = resolve_ds_config(config, world_size=2, dtype=torch.bfloat16, hidden_size=96, for_teacher=True)
     assert teacher["bf16"]["enabled"] is True and "offload_optimizer" not in teacher["zero_optimization"]
+    # the frozen teacher keeps ZeRO-3's partitioning; below stage 3 there is nothing of its to partition
+    student_stage = resolved["zero_optimization"].get("stage", 0)
+    assert teacher["zero_optimization"]["stage"] == (3 if student_stage == 3 else 0)

@@ -37,10 +37,10 @@ from kd_pipeline.engine.build import build_engines
 from kd_pipeline.recipes.supervised import loss_terms
 from kd_pipeline.runtime import init_runtime, seed_everything
 
-run_dir, tokenizer_dir = sys.argv[1], sys.argv[2]
+run_dir, tokenizer_dir, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = load_config(None, [f"data.tokenizer={tokenizer_dir}", f"run.output_dir={run_dir}", "run.stage=kd_sft",
                             "student.lora=true", "student.lora_r=4", "student.lora_alpha=8", "train.lr=0.05",
-                            "train.max_steps=2", "train.micro_batch_size=2"])
+                            "train.max_steps=2", "train.micro_batch_size=2", *extra])
 runtime = init_runtime(5)
 seed_everything(0)
 engines = build_engines(config, runtime)
@@ -70,16 +70,29 @@ save_file({"input_ids": input_ids, "attention_mask": batch["attention_mask"], "p
 """
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tokenizer_dir):
-    run_dir = tmp_path_factory.mktemp("run")
+def train_two_steps(run_dir: Path, tokenizer_dir: Path, *overrides: str) -> Path:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    result = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(run_dir), str(tokenizer_dir)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(run_dir), str(tokenizer_dir), *overrides],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tokenizer_dir):
+    return train_two_steps(tmp_path_factory.mktemp("run"), tokenizer_dir)
+
+
+def test_zero1_checkpoint_exports_with_its_frozen_tower(tmp_path, tokenizer_dir):
+    """ZeRO-1/2 consolidation covers only the optimizer's parameters: the frozen CLIP tower comes from the full
+    module in the model-states file (configs/repro train with ds_configs/zero1.json)."""
+    run_dir = train_two_steps(tmp_path / "run", tokenizer_dir, "deepspeed.config=ds_configs/zero1.json")
+    out = tmp_path / "merged"
+    assert main(["--checkpoint", str(run_dir), "--out", str(out), "--merge-lora"]) == 0
+    ref = reference(run_dir)
+    torch.testing.assert_close(exported_logits(out, ref), ref["logits"], atol=1e-5, rtol=1e-5)
 
 
 def stored(weights: dict, suffix: str) -> torch.Tensor:

@@ -60,8 +60,12 @@ def resolve_ds_config(config: Config, *, world_size: int, dtype: torch.dtype, hi
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), "zero_optimization")
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size, "zero_optimization")
     if for_teacher:
-        # Inference only: no optimizer state anywhere, parameters optionally offloaded.
+        # Inference only: no optimizer state anywhere, parameters optionally offloaded. ZeRO-1/2 partition only
+        # optimizer state and gradients, which a frozen teacher has none of (and DeepSpeed refuses them without an
+        # optimizer): below stage 3 the teacher runs unpartitioned.
         zero.pop("offload_optimizer", None)
+        if int(zero.get("stage", 0)) < 3:
+            zero["stage"] = 0
         if config.deepspeed.offload_teacher_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if "offload_optimizer" in zero:
