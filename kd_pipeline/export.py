@@ -87,6 +87,7 @@ from tqdm import tqdm
 
 from kd_pipeline.checkpoint import MARKER, TAG_PATTERN, verify_checkpoint
 from kd_pipeline.config import Config, load_config
+from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.errors import UserError, user_errors_exit
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,10 @@ def checkpoint_config(folder: Path) -> Config:
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
     """The dtype the engine computed in, read from the DeepSpeed config stored in its model-states file."""
-    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
-    if not states:
+    if not sorted(folder.glob("*mp_rank_00_model_states.pt")):
         raise ExportError(f"{folder} has no DeepSpeed *_model_states.pt file: not a DeepSpeed checkpoint")
     # mmap: a ZeRO-1/2 model-states file holds the full 16-bit weights; only the config is read here.
-    ds_config = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True).get("ds_config") or {}
+    ds_config = _model_states(folder).get("ds_config") or {}
     if ds_config.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     if ds_config.get("fp16", {}).get("enabled"):
@@ -165,6 +165,8 @@ def consolidated_state(folder: Path) -> dict:
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if zero_stage(_model_states(folder).get("ds_config") or {}) == 0:
+        return dict(_model_states(folder)["module"])  # no ZeRO: the module is stored whole, nothing to merge
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
@@ -188,9 +190,14 @@ def frozen_module_tensors(folder: Path, exclude) -> dict[str, torch.Tensor]:
     are missing from it; those stages store every module weight in full in ``*_model_states.pt``, and a frozen
     weight is never updated, so that copy is exact. Under ZeRO-3 the file holds empty placeholders and nothing is
     taken (DeepSpeed consolidates frozen parameters itself there)."""
-    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
-    module = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True).get("module") or {}
+    module = _model_states(folder).get("module") or {}
     return {key: value for key, value in module.items() if key not in exclude and value.numel() > 0}
+
+
+def _model_states(folder: Path) -> dict:
+    """Rank 0's ``*_model_states.pt`` (memory-mapped: tensors are read only when used)."""
+    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    return torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
 
 
 # ----------------------------------------------------------------------------------------------------- rebuild

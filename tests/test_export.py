@@ -85,10 +85,15 @@ def trained_run(tmp_path_factory, tokenizer_dir):
     return train_two_steps(tmp_path_factory.mktemp("run"), tokenizer_dir)
 
 
-def test_zero1_checkpoint_exports_with_its_frozen_tower(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_zero_stage_0_and_1_checkpoints_export_whole(tmp_path, tokenizer_dir, stage):
     """ZeRO-1/2 consolidation covers only the optimizer's parameters: the frozen CLIP tower comes from the full
-    module in the model-states file (configs/repro train with ds_configs/zero1.json)."""
-    run_dir = train_two_steps(tmp_path / "run", tokenizer_dir, "deepspeed.config=ds_configs/zero1.json")
+    module in the model-states file (configs/repro train with ds_configs/zero1.json); without ZeRO that module is
+    the whole state."""
+    ds_json = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    ds_json["zero_optimization"]["stage"] = stage
+    (tmp_path / "ds.json").write_text(json.dumps(ds_json))
+    run_dir = train_two_steps(tmp_path / "run", tokenizer_dir, f"deepspeed.config={tmp_path / 'ds.json'}")
     out = tmp_path / "merged"
     assert main(["--checkpoint", str(run_dir), "--out", str(out), "--merge-lora"]) == 0
     ref = reference(run_dir)
