@@ -72,11 +72,16 @@ def collect(out: Path, seeds: list[int], conditions: tuple[str, ...]) -> dict:
 
 
 def timings(runner: Runner, seeds: list[int]) -> dict:
+    """Per seed: the sum of its tasks' run times (process time at ``--jobs`` processes) and the wall-clock span from
+    its first task's start to its last task's end (seeds overlap when a seed's last tasks run beside the next's)."""
     markers = runner.timings()
     by_seed = {}
     for seed in seeds:
         mine = {name: marker for name, marker in markers.items() if marker.get("group") == f"seed{seed}"}
+        ends = [time.mktime(time.strptime(marker["finished"], "%Y-%m-%dT%H:%M:%S")) for marker in mine.values()]
+        starts = [end - marker["seconds"] for end, marker in zip(ends, mine.values())]
         by_seed[f"seed{seed}"] = {"task_seconds_sum": sum(marker["seconds"] for marker in mine.values()),
+                                  "wall_seconds_span": max(ends) - min(starts) if ends else None,
                                   "tasks": {name: round(marker["seconds"], 1) for name, marker in mine.items()}}
     return by_seed
 
@@ -102,15 +107,39 @@ def main(argv: list[str] | None = None) -> int:
                     env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))})
     tasks = [task for seed in seeds for task in SeedTasks(runner, scale, seed, out, conditions).build()]
     started = time.time()
+    results_path = args.results or out / "results.json"
+
+    def write(final: bool) -> dict | None:
+        """Collect every complete seed into the results JSON (after each seed's evaluations, and at the end)."""
+        payload = results_payload(out, seeds, conditions, scale_name, scale, runner, args.jobs, started)
+        report.write_results(results_path, payload)
+        if final and "summary" in payload:
+            text = report.markdown(payload["summary"])
+            (out / "report.md").write_text(text + "\n")
+            report.plot(payload["summary"], out / "paired_differences.png")
+            print(text)
+        return payload
+
+    def after_task(task) -> None:
+        if task.name.endswith(".eval"):
+            write(final=False)
+
     status = 0
     if not args.report_only:
         log.info("%d tasks for %d seed(s) x %s at the %s scale, %d at a time; logs in %s", len(tasks), len(seeds),
                  ",".join(conditions), scale_name, args.jobs, out / "logs")
         try:
-            runner.run(tasks)
+            runner.run(tasks, on_done=after_task)
         except TaskFailed as error:
             log.error("stopped: %s\nrun the same command again to continue", error)
             status = 1
+    write(final=True)
+    log.info("results: %s", results_path)
+    return status
+
+
+def results_payload(out: Path, seeds: list[int], conditions: tuple[str, ...], scale_name: str, scale,
+                    runner: Runner, jobs: int, started: float) -> dict:
     per_seed = collect(out, seeds, conditions)
     payload = {"design": {"version": design.DESIGN_VERSION, "scale": scale_name,
                           "scale_values": dataclasses.asdict(scale), "conditions": conditions,
@@ -122,16 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "stage2_lr": design.STAGE2_LR}},
                "per_seed": per_seed, "incomplete_seeds": [seed for seed in seeds if str(seed) not in per_seed],
                "timings": timings(runner, seeds), "wall_seconds_this_invocation": time.time() - started,
-               "machine": {"cpus": os.cpu_count(), "jobs": args.jobs}}
+               "machine": {"cpus": os.cpu_count(), "jobs": jobs}}
     if per_seed:
         payload["summary"] = report.summarise(per_seed, conditions)
-        text = report.markdown(payload["summary"])
-        (out / "report.md").write_text(text + "\n")
-        report.plot(payload["summary"], out / "paired_differences.png")
-        print(text)
-    report.write_results(args.results or out / "results.json", payload)
-    log.info("results: %s", args.results or out / "results.json")
-    return status
+    return payload
 
 
 if __name__ == "__main__":

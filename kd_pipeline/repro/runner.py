@@ -76,8 +76,9 @@ class Runner:
         """{task name: marker contents} of every completed task."""
         return {path.stem: json.loads(path.read_text()) for path in sorted(self.state_dir.glob("*.json"))}
 
-    def run(self, tasks: Sequence[Task]) -> None:
-        """Run every task not yet marked complete, respecting dependencies, ``jobs`` at a time."""
+    def run(self, tasks: Sequence[Task], on_done: Callable[[Task], None] | None = None) -> None:
+        """Run every task not yet marked complete, respecting dependencies, ``jobs`` at a time; ready tasks start in
+        list order (so the first seed's tasks finish first). ``on_done`` is called after each task completes."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         by_name = {task.name: task for task in tasks}
         for task in tasks:
@@ -118,6 +119,8 @@ class Runner:
                     with lock:
                         done.add(task.name)
                     progress.update(1)
+                    if on_done is not None:
+                        on_done(task)
         if failure is not None:
             raise failure
 
