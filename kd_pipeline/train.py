@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     # identical lines per run that would bury the progress bar and real warnings.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     args = parse_args(argv)
+    from kd_pipeline.engine.stopping import catch_stop_signals
+
+    catch_stop_signals()  # first: a USR1/TERM during the checks or the imports becomes a stop request, not a death
     from kd_pipeline.data.loaders import check_loader_readers
     from kd_pipeline.plan import check_batch
     from kd_pipeline.runtime import discover_ranks, init_runtime, record_exit_status, setup_logging
@@ -79,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError:
         record_exit_status(ranks.rank, EXIT_USER_ERROR)
         raise
-
-    from kd_pipeline.engine.stopping import catch_stop_signals
-
-    catch_stop_signals()
 
     runtime = init_runtime(config.deepspeed.timeout_minutes)
     setup_logging(runtime.rank)
