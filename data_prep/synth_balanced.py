@@ -15,7 +15,7 @@ needs tasks where the image decides the answer. This profile changes only what i
   the drawn objects, so answers are always true of the image.
 - Region captions carry no size word (the box in the prompt already gives the size): what is left to say is the
   colour and the place the image shows.
-- Record mix (``HEADLINE_WEIGHTS``): scene 30 %, VQA 40 %, region captions 20 %, referring 10 %; no grounded
+- Record mix (``HEADLINE_WEIGHTS``): scene 30 %, VQA 30 %, region captions 30 %, referring 10 %; no grounded
   descriptions or multi-round records.
 - ``ambiguous=True`` (condition (c) of the experiment): two confusable pairs (dense/sparse residential,
   forest/meadow) are rendered as a blend of both textures with a latent weight m ~ U(0, 1), and the annotated label
@@ -36,7 +36,7 @@ from data_prep.synth_textures import TEXTURES, imaging_conditions
 from data_prep.synth_world import (OBJECT_KINDS, SCENE_CLASSES, Scene, SceneClass, draw_objects, place_objects,
                                    render_scene)
 
-HEADLINE_WEIGHTS = {"scene": 0.30, "vqa": 0.40, "identify": 0.20, "refer": 0.10}
+HEADLINE_WEIGHTS = {"scene": 0.30, "vqa": 0.30, "identify": 0.30, "refer": 0.10}
 # RSVQA-LRBEN's own question types (GeoChat reports these three); counts (HRBEN-style, 0-3) stayed at chance for every
 # model in the pilot (see README), so this profile leaves them out and gives their share to the other three.
 REPRO_VQA_TYPES = ("presence", "comparison", "rural_urban")
