@@ -343,6 +343,39 @@ def resolve_init_from(init_from: str) -> Path:
     return path
 
 
+def module_state(folder: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight of the saved module, fp32 where DeepSpeed keeps fp32 masters, whatever the ZeRO stage.
+
+    ZeRO-3 and ZeRO-1/2: DeepSpeed's own consolidation (``get_fp32_state_dict_from_zero_checkpoint``; with ``lazy``
+    values materialise on ``.contiguous()``). Under ZeRO-1/2 that covers only the optimizer's parameters, so frozen
+    ones (the CLIP tower) come from the full module those stages store in ``*_model_states.pt`` (a frozen weight is
+    never updated, so that copy is exact; ZeRO-3's file holds empty placeholders, which are skipped). Without ZeRO
+    (stage 0) the stored module is the whole state. DeepSpeed reads its own pickles with ``weights_only=False``;
+    callers verify the folder against ``COMPLETE.json`` first. Its progress lines on stdout go to the debug log."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        raise CheckpointError(f"{folder} has no DeepSpeed *_model_states.pt file: not a DeepSpeed checkpoint")
+    stored = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    module = stored.get("module") or {}
+    if int((stored.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)) == 0:
+        return dict(module)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=lazy)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise CheckpointError(f"DeepSpeed cannot consolidate {folder}: {error}") from error
+    for line in captured.getvalue().splitlines():
+        log.debug("zero_to_fp32: %s", line)
+    frozen = {key: value for key, value in module.items() if key not in state and value.numel() > 0}
+    return {**frozen, **state}
+
+
 def load_module_weights(module: torch.nn.Module, folder: Path) -> None:
     """Load only the module weights of a checkpoint (written at any world size) into ``module`` BEFORE it is wrapped
     by ``deepspeed.initialize``: ZeRO-3 keeps fp32 master partitions in its optimizer and would overwrite weights
@@ -350,9 +383,8 @@ def load_module_weights(module: torch.nn.Module, folder: Path) -> None:
     written by rank 0 inside ``GatheredParameters`` and re-partitioned on exit, plain ones on every rank.
     Used by stage 2's ``run.init_from``."""
     import deepspeed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    state = module_state(folder)
     named = dict(module.named_parameters())
     missing = sorted(set(named) - set(state))
     if missing:

@@ -73,9 +73,7 @@ Exit codes: 0 written; 2 bad input (one line on stderr naming the path or key).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import shutil
@@ -85,9 +83,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kd_pipeline.checkpoint import MARKER, TAG_PATTERN, verify_checkpoint
+from kd_pipeline.checkpoint import MARKER, TAG_PATTERN, CheckpointError, module_state, verify_checkpoint
 from kd_pipeline.config import Config, load_config
-from kd_pipeline.engine.ds_config import zero_stage
 from kd_pipeline.errors import UserError, user_errors_exit
 
 log = logging.getLogger(__name__)
@@ -158,40 +155,17 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
 
 
 def consolidated_state(folder: Path) -> dict:
-    """DeepSpeed's consolidation of the ZeRO shards of ``folder``, lazily: values materialise on ``.contiguous()``.
-
-    DeepSpeed reads its own pickles with ``weights_only=False``; they were verified against ``COMPLETE.json`` (written
-    by our save) just before. Its progress lines on stdout are moved to the debug log.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if zero_stage(_model_states(folder).get("ds_config") or {}) == 0:
-        return dict(_model_states(folder)["module"])  # no ZeRO: the module is stored whole, nothing to merge
-    captured = io.StringIO()
+    """The student module's weights (``checkpoint.module_state``: any ZeRO stage, frozen weights included), lazily:
+    values materialise on ``.contiguous()``; anything outside the student module is refused."""
     try:
-        with contextlib.redirect_stdout(captured):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise ExportError(f"DeepSpeed cannot consolidate {folder}: {error}") from error
-    for line in captured.getvalue().splitlines():
-        log.debug("zero_to_fp32: %s", line)
-    state = {**frozen_module_tensors(folder, exclude=state), **state}
+        state = module_state(folder, lazy=True)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
     unknown = [key for key in state if not key.startswith(MODULE_PREFIXES)]
     if unknown:
         raise ExportError(f"{folder} holds {len(unknown)} tensors outside the student module (e.g. {unknown[0]}): "
                           f"not a kd_pipeline student checkpoint")
     return state
-
-
-def frozen_module_tensors(folder: Path, exclude) -> dict[str, torch.Tensor]:
-    """Tensors of the model-states file's full ``module`` that the consolidation left out.
-
-    Under ZeRO-1/2 the fp32 consolidation covers only the optimizer's parameters, so frozen ones (the CLIP tower)
-    are missing from it; those stages store every module weight in full in ``*_model_states.pt``, and a frozen
-    weight is never updated, so that copy is exact. Under ZeRO-3 the file holds empty placeholders and nothing is
-    taken (DeepSpeed consolidates frozen parameters itself there)."""
-    module = _model_states(folder).get("module") or {}
-    return {key: value for key, value in module.items() if key not in exclude and value.numel() > 0}
 
 
 def _model_states(folder: Path) -> dict:
