@@ -42,7 +42,10 @@ def test_first_slurm_host(nodelist, host):
 
 def test_srun_rendezvous_defaults(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so that monkeypatch restores the variable's absence after the test: export_rendezvous writes
+        # os.environ itself, and a RANK/WORLD_SIZE left behind makes later tests (webdataset readers) multi-node
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[12-13]")
     runtime.export_rendezvous(RankInfo(9, 16, 1, "slurm"))
