@@ -44,7 +44,8 @@ IMAGE_FREE = {"scene_fc": ("aid", "oa", "oa_se"), "scene_greedy": ("aid", "oa", 
               "grounding_miou": ("referring", "mean_iou", "mean_iou_se"),
               "grounding_acc50": ("referring", "acc@0.5", "acc@0.5_se")}
 MIN_GAP = 0.15
-TABLE_METRICS = ("scene_fc", "scene_greedy", "vqa_fc", "vqa_greedy", "caption_rougeL", "grounding_miou", "kl_scene")
+TABLE_METRICS = ("scene_fc", "scene_greedy", "vqa_fc", "vqa_greedy", "caption_rougeL", "grounding_miou", "grounding_acc50",
+                 "kl_scene")
 
 
 def extract(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -156,6 +157,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
         verdict = entry["verdict"]
         checks = ", ".join(f"{metric}: teacher - image-free = {100 * check['gap']:.1f} points"
                            for metric, check in entry["world_checks"].items() if "gap" in check)
+        floor = entry["means"].get("image_free", {})
+        if "grounding_acc50" in floor:  # grounding is not a headline task at 56 px: its image-free floor is stated
+            checks += (f"; grounding floor (image-free phrase lookup): acc@0.5 "
+                       f"{100 * floor['grounding_acc50']['mean']:.1f}, mean IoU {100 * floor['grounding_miou']['mean']:.1f}")
         lines += ["", f"World: {checks}.", f"Verdict: harness sensitive = {verdict['harness_sensitive']}; "
                   f"D-C significant = {verdict['d_minus_c_significant']}; KL(D) < KL(C) = {verdict['kl_d_below_c']}; "
                   f"distillation works = {verdict['distillation_works']}; E-F significant = "
