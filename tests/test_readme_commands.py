@@ -36,7 +36,8 @@ REPO_PATH = re.compile(r"(?<![\w/.-])((?:configs|launch|ds_configs|kd_pipeline|d
 PROGRAMS = ("python", "deepspeed", "launch/", "sbatch", "bash", "mkdir", "make")
 
 COVERAGE = {
-    "make demo": "parse", "make test": "parse",  # the whole demo / suite: `make test` runs this very test
+    # The whole demo / suite / experiment: `make test` runs this very test; each target is checked to exist.
+    "make demo": "parse", "make test": "parse", "make repro": "parse",
     "python -m data_prep synth": "run", "python -m data_prep shard": "run", "python -m data_prep verify": "run",
     "python -m data_prep preview": "run", "python -m data_prep bench": "run", "python -m data_prep pt": "run",
     "python -m data_prep tokenizer": "run", "python -m kd_pipeline.plan": "run",
@@ -47,7 +48,10 @@ COVERAGE = {
 # The inputs README's data engineer's guide names by placeholder, made by the commands of its tiny-run block.
 PLACEHOLDERS = {"GeoChat_Instruct.json": "world/instruct.json", "AID_IMAGES": "world/bench/images",
                 "IMAGES": "world/images", "TOKENIZER": "world/tokenizer", "aid.jsonl": "world/bench/scene.jsonl",
-                "corpus.txt": "world/pt_corpus.txt", "--out world --num 2000": "--out world_2 --num 200"}
+                "corpus.txt": "world/pt_corpus.txt", "--out world --num 2000": "--out world_2 --num 200",
+                # The experiment's world at toy sizes: the same options, seconds instead of a minute.
+                "--num 4000": "--num 300",
+                "scene=1000,vqa=999,region_captioning=500,referring=200": "scene=40,vqa=30,region_captioning=20,referring=10"}
 
 
 def readme_commands() -> list[str]:
@@ -154,6 +158,16 @@ def test_launch_commands_agree_with_their_configs(monkeypatch):
         check_batch(config, world_size)
         checked += 1
     assert checked >= 3
+
+
+def test_make_commands_are_makefile_targets():
+    """`make demo`, `make test`, `make repro`: each names a real target (`make -n` plans it without running it)."""
+    targets = [command.split()[1] for command in readme_commands() if command.startswith("make ")]
+    assert {"demo", "test", "repro"} <= set(targets)
+    for target in targets:
+        result = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (target, result.stderr)
+        assert "kd_pipeline" in result.stdout or "pytest" in result.stdout, (target, result.stdout)
 
 
 @pytest.mark.parametrize("key", [key for key, how in COVERAGE.items() if how == "parse" and key.startswith("python")])
