@@ -112,6 +112,9 @@ def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditio
                                             "verdict": verdict}
     summary["verdict"] = stats.overall_verdict({name: entry["verdict"]
                                                 for name, entry in summary["conditions"].items()})
+    # The rule was registered for len(DEFAULT_SEEDS) seeds: with fewer complete the verdict is provisional.
+    summary["verdict"]["seeds_planned"] = len(design.DEFAULT_SEEDS)
+    summary["verdict"]["final"] = len(seeds) >= len(design.DEFAULT_SEEDS)
     summary["seeds"] = seeds
     return summary
 
@@ -166,6 +169,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
                   f"distillation works = {verdict['distillation_works']}; E-F significant = "
                   f"{verdict['e_minus_f_significant']}.", ""]
     overall = summary["verdict"]
+    if not overall.get("final", True):
+        lines.append(f"**Interim: {len(summary['seeds'])} of the {overall['seeds_planned']} pre-registered seeds are "
+                     "complete; the rule is judged on all of them, so this verdict is provisional.**")
     lines.append(f"**Pass rule: {'HOLDS' if overall['rule_holds'] else 'does NOT hold'}** "
                  f"(holds in: {', '.join(overall['holds_in']) or 'no condition'}; harness sensitive in: "
                  f"{', '.join(overall['harness_sensitive_in']) or 'no condition'}). Rule: {design.pass_rule_text()}")

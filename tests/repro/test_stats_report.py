@@ -77,6 +77,11 @@ def test_markdown_states_the_verdict_and_the_plot_is_written(tmp_path):
     summary = report.summarise(_per_seed({"P": 0.05, "teacher": 0.3}), ["paper"])
     text = report.markdown(summary)
     assert "does NOT hold" in text and "| D-C |" in text and "± " in text
+    assert summary["verdict"]["final"] and "Interim" not in text
+
+    interim = report.summarise(_per_seed({"P": 0.05, "D": 0.03, "teacher": 0.3}, seeds=3), ["paper"])
+    assert interim["verdict"]["rule_holds"] and not interim["verdict"]["final"]
+    assert "Interim: 3 of the 5 pre-registered seeds" in report.markdown(interim)
     report.plot(summary, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report.write_results(tmp_path / "r.json", {"summary": summary})
