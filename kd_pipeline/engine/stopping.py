@@ -40,7 +40,7 @@ def catch_stop_signals() -> None:
     ``StopController`` takes the flag over once the loop starts."""
     def remember(signum: int, _frame) -> None:
         global _early_signal
-        _early_signal = signal.Signals(signum).name
+        _early_signal = _early_signal or signal.Signals(signum).name
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, remember)
@@ -62,7 +62,9 @@ class StopController:
         return int(end) - 60.0 * minutes
 
     def _on_signal(self, signum: int, _frame) -> None:
-        self.requested_by = signal.Signals(signum).name
+        # The first signal is the cause: on preemption every process gets TERM and the batch shell then forwards a
+        # USR1 as well, which must not rename the stop in the log.
+        self.requested_by = self.requested_by or signal.Signals(signum).name
 
     def should_stop(self) -> bool:
         """Collective: every rank must call this at the same step boundary."""

@@ -206,6 +206,16 @@ def test_a_signal_sets_the_flag_and_the_next_boundary_stops(restored_signal_hand
     assert stopper.should_stop() and stopper.requested_by == "SIGUSR1"
 
 
+def test_the_first_signal_names_the_stop(restored_signal_handlers, caplog):
+    """Preemption: TERM reaches every process, then the batch shell forwards USR1; the log names TERM, the cause."""
+    stopper = StopController()
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with caplog.at_level(logging.WARNING):
+        assert stopper.should_stop()
+    assert stopper.requested_by == "SIGTERM" and "stop requested (SIGTERM)" in caplog.text
+
+
 def test_failure_report_names_the_rank_and_the_last_completed_step(caplog, monkeypatch):
     calls = []
     monkeypatch.setattr(sys, "excepthook", lambda *args: calls.append(args))
