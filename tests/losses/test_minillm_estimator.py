@@ -8,10 +8,12 @@ sum Σ_y p̃(y) f(y) over those sequences, never a sample mean.
 The unbiased combination (asserted) uses product weights w_t = Π_{k≤t} q/p̃ on the single-step term and weights
 every future reward by its own product weight (per-decision importance sampling); γ = 1, no normalisation,
 clipping or whitening. The practical variants are measured against it (cosine similarity, relative norm error)
-and written to bench/results/estimator_bias.json; only the exact case is asserted.
+and written to the test's temporary folder (bench/results/estimator_bias.json when KD_WRITE_BENCH_RESULTS=1, so a
+plain `make test` leaves the committed results alone); only the exact case is asserted.
 """
 
 import json
+import os
 from itertools import product as cartesian_product
 from pathlib import Path
 
@@ -160,7 +162,7 @@ def variant_gradients(toy: ToyProblem) -> dict[str, tuple[str, torch.Tensor]]:
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def test_stage2_gradient_under_mixed_sampling_equals_the_exact_reverse_kl_gradient():
+def test_stage2_gradient_under_mixed_sampling_equals_the_exact_reverse_kl_gradient(tmp_path):
     per_seed = {}
     for seed in SEEDS:
         toy = ToyProblem(seed=seed)
@@ -197,5 +199,7 @@ def test_stage2_gradient_under_mixed_sampling_equals_the_exact_reverse_kl_gradie
         "summary_over_seeds": summary,
         "per_seed": per_seed,
     }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(report, indent=2) + "\n")
+    results_path = RESULTS_PATH if os.environ.get("KD_WRITE_BENCH_RESULTS") == "1" else tmp_path / RESULTS_PATH.name
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(report, indent=2) + "\n")
+    assert json.loads(results_path.read_text())["summary_over_seeds"]["exact"]["mean_cosine_similarity"] > 0.999999
