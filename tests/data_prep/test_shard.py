@@ -226,3 +226,22 @@ def test_real_command_line_reports_a_missing_file_without_traceback(tmp_path):
     assert completed.returncode == 2
     expected_line = f"error: instruct file '{tmp_path / 'absent.json'}' does not exist"
     assert completed.stderr.strip().splitlines() == [expected_line]
+
+
+def test_stale_cleanup_spares_another_tasks_in_flight_progress_record(tmp_path):
+    """Array tasks share .progress/: a record another task is writing (write_atomic's ".NAME.tmp<pid>") stays;
+    one of this task's own shards, or of no planned shard, is removed."""
+    from types import SimpleNamespace
+
+    from data_prep.sharding import PROGRESS_DIR, remove_stale_outputs
+
+    progress = tmp_path / PROGRESS_DIR
+    progress.mkdir()
+    others = progress / ".train-000006.tar.json.tmp4242"
+    own = progress / ".train-000001.tar.json.tmp4243"
+    unplanned = progress / ".train-000099.tar.json.tmp4244"
+    for path in (others, own, unplanned):
+        path.write_text("{}")
+    remove_stale_outputs(str(tmp_path), [SimpleNamespace(name="train-000001.tar")], ("train",),
+                         planned_names={"train-000001.tar", "train-000006.tar"})
+    assert others.exists() and not own.exists() and not unplanned.exists()
