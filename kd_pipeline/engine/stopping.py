@@ -32,6 +32,18 @@ COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection|peer|pa
 
 
 _early_signal: str | None = None
+# Which signal names a stop when a rank gets both: TERM (preemption, scancel: the job ends after a grace time) over
+# USR1 (the time-limit warning). On preemption every process gets TERM and the batch shell also forwards a USR1;
+# when both are pending at once (a rank blocked in a collective) Python runs the handlers in signal-number order,
+# USR1 first, so arrival order cannot be what decides.
+_PRECEDENCE = {"SIGUSR1": 1, "SIGTERM": 2}
+
+
+def _stop_cause(current: str | None, signum: int) -> str:
+    name = signal.Signals(signum).name
+    if current is None or _PRECEDENCE.get(name, 0) > _PRECEDENCE.get(current, 0):
+        return name
+    return current
 
 
 def catch_stop_signals() -> None:
@@ -40,7 +52,7 @@ def catch_stop_signals() -> None:
     ``StopController`` takes the flag over once the loop starts."""
     def remember(signum: int, _frame) -> None:
         global _early_signal
-        _early_signal = _early_signal or signal.Signals(signum).name
+        _early_signal = _stop_cause(_early_signal, signum)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, remember)
@@ -62,9 +74,7 @@ class StopController:
         return int(end) - 60.0 * minutes
 
     def _on_signal(self, signum: int, _frame) -> None:
-        # The first signal is the cause: on preemption every process gets TERM and the batch shell then forwards a
-        # USR1 as well, which must not rename the stop in the log.
-        self.requested_by = self.requested_by or signal.Signals(signum).name
+        self.requested_by = _stop_cause(self.requested_by, signum)
 
     def should_stop(self) -> bool:
         """Collective: every rank must call this at the same step boundary."""

@@ -206,14 +206,24 @@ def test_a_signal_sets_the_flag_and_the_next_boundary_stops(restored_signal_hand
     assert stopper.should_stop() and stopper.requested_by == "SIGUSR1"
 
 
-def test_the_first_signal_names_the_stop(restored_signal_handlers, caplog):
-    """Preemption: TERM reaches every process, then the batch shell forwards USR1; the log names TERM, the cause."""
+@pytest.mark.parametrize("pending_together", [False, True])
+def test_term_names_the_stop_whatever_the_order(restored_signal_handlers, caplog, pending_together):
+    """Preemption: TERM reaches every process and the batch shell forwards USR1; the log names TERM, the cause,
+    whether USR1 came second or both were pending at once (Python then runs the USR1 handler first)."""
     stopper = StopController()
-    os.kill(os.getpid(), signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGUSR1)
+    if pending_together:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
     with caplog.at_level(logging.WARNING):
         assert stopper.should_stop()
     assert stopper.requested_by == "SIGTERM" and "stop requested (SIGTERM)" in caplog.text
+    os.kill(os.getpid(), signal.SIGUSR1)  # a later USR1 does not rename it either
+    assert stopper.requested_by == "SIGTERM"
 
 
 def test_failure_report_names_the_rank_and_the_last_completed_step(caplog, monkeypatch):
