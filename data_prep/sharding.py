@@ -36,7 +36,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import random
 import tarfile
 import time
@@ -46,12 +45,12 @@ from typing import Iterator
 from data_prep.images import ImageRejected, read_image_file
 from data_prep.manifest import FORMAT_VERSION, json_bytes, write_bytes_atomic
 from data_prep.sources import sha256_file
+from kd_pipeline.fileio import TEMPORARY_NAME
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
 TEMPORARY_SUFFIX = ".tmp"
-ATOMIC_TEMPORARY = re.compile(r"\.(.+)\.tmp\d+")
 # Test hook: raise after this many shards were completed in this run, to simulate an interrupted run.
 FAIL_AFTER_SHARDS_ENV = "DATA_PREP_TEST_FAIL_AFTER_SHARDS"
 _TAR_BLOCK = 512
@@ -289,8 +288,8 @@ def remove_stale_outputs(out_dir: str, jobs: list[ShardJob], shard_prefixes: tup
     progress_dir = os.path.join(out_dir, PROGRESS_DIR)
     for folder, suffix in ((out_dir, ""), (progress_dir, ".json")):
         for name in sorted(os.listdir(folder)):
-            # fileio.write_atomic's in-flight file: ".NAME.tmp<pid>" (another task may be writing it right now)
-            in_flight = ATOMIC_TEMPORARY.fullmatch(name)
+            # write_atomic's in-flight file (another task may be writing it right now)
+            in_flight = TEMPORARY_NAME.fullmatch(name)
             temporary = name.endswith(TEMPORARY_SUFFIX) or in_flight is not None
             shard = (in_flight.group(1) if in_flight else name.removesuffix(TEMPORARY_SUFFIX)).removesuffix(suffix)
             is_shard_file = folder == progress_dir or (shard.endswith(".tar") and shard.startswith(shard_prefixes))

@@ -10,14 +10,19 @@ the process id, so two ranks writing the same target never share one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+# The temporary file of a write in flight: ".NAME.tmp<pid>" beside NAME (group 1 is NAME). Cleanups that sweep a
+# folder shared with other processes (data_prep's array tasks) must recognise it as someone else's work in progress.
+TEMPORARY_NAME = re.compile(r"\.(.+)\.tmp\d+")
 
 
 def write_atomic(path: str | Path, payload: bytes | str) -> None:
     """Replace ``path`` with ``payload`` (str is written as UTF-8) atomically and durably."""
     path = Path(path)
     data = payload.encode("utf-8") if isinstance(payload, str) else payload
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")  # matches TEMPORARY_NAME
     try:
         with open(temporary, "wb") as stream:
             stream.write(data)

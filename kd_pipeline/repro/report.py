@@ -169,7 +169,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
                   f"distillation works = {verdict['distillation_works']}; E-F significant = "
                   f"{verdict['e_minus_f_significant']}.", ""]
     overall = summary["verdict"]
-    if not overall.get("final", True):
+    if not overall["final"]:
         lines.append(f"**Interim: {len(summary['seeds'])} of the {overall['seeds_planned']} pre-registered seeds are "
                      "complete; the rule is judged on all of them, so this verdict is provisional.**")
     lines.append(f"**Pass rule: {'HOLDS' if overall['rule_holds'] else 'does NOT hold'}** "

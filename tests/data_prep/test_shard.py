@@ -245,3 +245,16 @@ def test_stale_cleanup_spares_another_tasks_in_flight_progress_record(tmp_path):
     remove_stale_outputs(str(tmp_path), [SimpleNamespace(name="train-000001.tar")], ("train",),
                          planned_names={"train-000001.tar", "train-000006.tar"})
     assert others.exists() and not own.exists() and not unplanned.exists()
+
+
+def test_the_in_flight_pattern_matches_what_write_atomic_creates(tmp_path, monkeypatch):
+    """The stale-output cleanup recognises write_atomic's temporary by TEMPORARY_NAME: the two must not drift."""
+    from kd_pipeline import fileio
+
+    seen = []
+    real_replace = fileio.os.replace
+    monkeypatch.setattr(fileio.os, "replace", lambda source, target: (seen.append(Path(source).name),
+                                                                       real_replace(source, target)))
+    fileio.write_atomic(tmp_path / "train-000003.tar.json", "{}")
+    (temporary,) = seen
+    assert fileio.TEMPORARY_NAME.fullmatch(temporary).group(1) == "train-000003.tar.json"
