@@ -98,9 +98,7 @@ def signal_tagged(tag: str, signum: int) -> int:
     """Send ``signum`` to every process of one job (``tagged_processes``), as Slurm does on preemption or scancel;
     returns how many there were."""
     pids = tagged_processes(tag)
-    # Newest first (children start after their parents): the ranks hold TERM before the batch shell can forward
-    # its USR1, so on a loaded machine the ranks still log TERM as the cause, as they would under Slurm.
-    for pid in sorted(pids, reverse=True):
+    for pid in pids:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
