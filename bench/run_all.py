@@ -30,10 +30,11 @@ def _kd_loss_headlines(result: dict) -> list[str]:
     largest = max(result["config"]["n"])
     lines = []
     for row in result["summary"]:
-        if row["n"] == largest and "fused" in row["method"] and "peak_vs_plain" in row:
+        if row["n"] == largest and "fused" in row["method"] and "wall_vs_plain" in row:
             time_key = "cpu_vs_plain" if row.get("cpu_vs_plain") is not None else "wall_vs_plain"
+            peak = "peak not resolved" if row["peak_vs_plain"] is None else f"{row['peak_vs_plain']:.3f}x peak memory"
             lines.append(f"{row['method']} / plain at N={largest}: {row[time_key]:.3f}x {time_key.split('_')[0]} "
-                         f"time, {row['peak_vs_plain']:.3f}x peak memory")
+                         f"time, {peak}")
     return lines
 
 
