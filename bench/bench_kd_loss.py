@@ -24,7 +24,9 @@ through /proc/self/clear_refs after the inputs exist) over its RSS before the fi
 memory is the increase of torch.cuda.max_memory_allocated. A warm-up call on 64 tokens precedes the
 measured calls. Time is per forward+backward: wall time and, on CPU, process CPU time, which is less disturbed when other jobs
 share the cores. The table reports the fastest repeat and ratios against `plain`; the JSON keeps
-every sample and the machine's load average.
+every sample and the machine's load average. Where plain's peak increase is below 1 MiB (tiny N: the allocator
+reuses pages it holds) the peak ratios are not reported: `peak_vs_plain` is null with a `peak_note`, and the
+target check's `peak_ok` is null ("not resolved").
 """
 
 from __future__ import annotations
