@@ -218,7 +218,8 @@ class DeepSpeedSection:
     offload_teacher_params: bool = False
     """Offload the frozen teacher's ZeRO-3 parameters to CPU memory."""
     timeout_minutes: float = 30.0
-    """Process-group timeout: a dead or stuck rank fails the job after this long instead of hanging."""
+    """Process-group timeout: a dead or stuck rank fails the job after this long instead of hanging; a rank still
+    inside one step after 0.8 x this long first dumps its threads' stacks to stderr."""
 
 
 @dataclass(frozen=True)

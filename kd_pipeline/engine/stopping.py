@@ -9,16 +9,22 @@ peer that died or stopped responding makes the collective a rank waits in raise 
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` aborts the process from its watchdog, naming the rank and the collective).
 ``install_failure_report`` then names this rank and the last completed step in the log before the process exits
 non-zero, and the launchers (``torchrun``/``deepspeed``, ``srun --kill-on-bad-exit``) take the other ranks down.
+The rank that caused the hang is often not the one that raises (it is blocked elsewhere: another collective, a data
+loader), so ``StepWatchdog`` makes every rank still inside one step after 0.8 x the timeout dump all its threads'
+Python stacks to stderr first: the log then shows where each rank was.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -85,6 +91,25 @@ class StopController:
             log.warning("stop requested (%s): saving a checkpoint and exiting with code %d (resume me)",
                         self.requested_by or "another rank", RESUME_EXIT_CODE)
         return stop
+
+
+class StepWatchdog:
+    """Dumps every thread's Python stack to stderr when this rank spends longer than ``0.8 x timeout_minutes`` in
+    one step (``faulthandler.dump_traceback_later``: a C thread writes the dump, so it works while the main thread
+    is blocked in a collective or waiting on a data loader). 0.8: before the peers' collectives reach the process
+    group's timeout and the launcher takes the ranks down. The dump does not stop the rank; a step that is merely
+    slow continues (and its dump says how far it had got)."""
+
+    def __init__(self, timeout_minutes: float):
+        self.seconds = 0.8 * 60.0 * timeout_minutes
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        faulthandler.dump_traceback_later(self.seconds, repeat=False, file=sys.stderr, exit=False)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def install_failure_report(rank: int, state) -> None:

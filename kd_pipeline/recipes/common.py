@@ -7,9 +7,11 @@ A recipe reads top to bottom as setup, then the loop::
     session.restore_rng()
     end_of_step = StepEnd(session, validate=..., save=...)
     for step in range(session.state.step + 1, config.train.max_steps + 1):
-        record = <one optimizer step>
-        session.state.step = step
-        if end_of_step(record):
+        with session.watchdog.step():              # a rank stuck in the step dumps its stacks (engine/stopping.py)
+            record = <one optimizer step>
+            session.state.step = step
+            stopped = end_of_step(record)
+        if stopped:
             break                                  # saved; exit RESUME_EXIT_CODE
     return session.close(stopped)
 
@@ -42,7 +44,7 @@ from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.collectives import MAX, all_reduce_floats
 from kd_pipeline.engine.ds_config import load_ds_json, zero_stage
 from kd_pipeline.engine.metrics import MetricsLogger, reduce_sum
-from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StopController, install_failure_report
+from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StepWatchdog, StopController, install_failure_report
 from kd_pipeline.progress import ResumeCheck, check_resume
 from kd_pipeline.runtime import Runtime, capture_rng_state, restore_rng_state, seed_everything
 
@@ -181,6 +183,7 @@ class Session:
     config_yaml: str               # the resolved config, as written beside the outputs and into checkpoints
     metrics: MetricsLogger
     stopper: StopController
+    watchdog: StepWatchdog         # ``with session.watchdog.step():`` around each step of a recipe's loop
 
     @property
     def new_round(self) -> bool:
@@ -240,7 +243,8 @@ def open_session(config: Config, runtime: Runtime, *, init_from: bool = False) -
                             start_step=state.step)
     return Session(config=config, runtime=runtime, engines=engines, state=state, resume=resume,
                    rank_state=rank_state, config_yaml=config_yaml, metrics=metrics,
-                   stopper=StopController(config.run.stop_before_end_minutes))
+                   stopper=StopController(config.run.stop_before_end_minutes),
+                   watchdog=StepWatchdog(config.deepspeed.timeout_minutes))
 
 
 # ----------------------------------------------------------------------------------------------------- the step

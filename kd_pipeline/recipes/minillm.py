@@ -308,15 +308,17 @@ def run(config: Config, runtime: Runtime) -> int:
     end_of_step = StepEnd(session, validate=lambda: evaluate(engines, config, runtime, loaders["val"]),
                           save=lambda: session.save(loaders["train"], extra={"rollout": progress.payload()}))
     if state.step == 0 and config.train.eval_every:
-        session.metrics.log(0, evaluate(engines, config, runtime, loaders["val"]))  # where the reverse KL starts
+        with session.watchdog.step():
+            session.metrics.log(0, evaluate(engines, config, runtime, loaders["val"]))  # where the reverse KL starts
     prompt_batches = iter(loaders["train"]["prompt"])
     pt_batches = iter(loaders["train"]["pt"]) if "pt" in loaders["train"] else None
     engines.student.train()
     stopped = False
     for step in range(state.step + 1, config.train.max_steps + 1):
-        record = train_step(engines, config, runtime, state, progress, prompt_batches, pt_batches)
-        state.step = step
-        stopped = end_of_step(record)
+        with session.watchdog.step():
+            record = train_step(engines, config, runtime, state, progress, prompt_batches, pt_batches)
+            state.step = step
+            stopped = end_of_step(record)
         if stopped:
             break
     return session.close(stopped)

@@ -110,9 +110,10 @@ def run(config: Config, runtime: Runtime) -> int:
     engines.student.train()
     stopped = False
     for step in range(session.state.step + 1, config.train.max_steps + 1):
-        record = train_step(engines, config, runtime, batches)
-        session.state.step = step
-        stopped = end_of_step(record)
+        with session.watchdog.step():
+            record = train_step(engines, config, runtime, batches)
+            session.state.step = step
+            stopped = end_of_step(record)
         if stopped:
             break
     return session.close(stopped)

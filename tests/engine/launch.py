@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,8 +29,16 @@ def train(synth_data: dict, output_dir: Path, overrides: list[str], *, nproc: in
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-6000:]}")
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-6000:]}"
+                             f"{stack_dumps(result.stderr)}")
     return result
+
+
+def stack_dumps(stderr: str, chars: int = 4000) -> str:
+    """The ranks' StepWatchdog dumps (faulthandler's "Timeout (...)!" blocks) that the tail above may have cut: where
+    each rank was when a step stalled."""
+    starts = [match.start() for match in re.finditer(r"Timeout \(\d", stderr)][:4]
+    return "".join(f"\n--- stack dump ---\n{stderr[start:start + chars]}" for start in starts)
 
 
 def metrics(output_dir: Path) -> list[dict]:

@@ -226,6 +226,39 @@ def test_term_names_the_stop_whatever_the_order(restored_signal_handlers, caplog
     assert stopper.requested_by == "SIGTERM"
 
 
+WATCHDOG_CHILD = """
+import sys, time
+from kd_pipeline.engine.stopping import StepWatchdog
+watchdog = StepWatchdog(timeout_minutes=0.5 / 60)  # dumps after 0.4 s in one step
+
+def step_that_finishes():
+    time.sleep(0.05)
+
+def step_blocked_in_a_collective():
+    time.sleep(1.5)
+
+with watchdog.step():
+    step_that_finishes()
+time.sleep(0.8)  # past the first step's deadline: it was disarmed, so nothing is written
+print("between steps", file=sys.stderr, flush=True)
+with watchdog.step():
+    step_blocked_in_a_collective()
+print("the rank went on", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_rank_stuck_in_a_step_dumps_its_stacks_and_goes_on():
+    """StepWatchdog: only a step that outlasts 0.8 x the timeout writes a dump, naming the function it is stuck in
+    (written by faulthandler's C thread while the main thread sleeps); the rank is not stopped by it."""
+    result = subprocess.run([sys.executable, "-c", WATCHDOG_CHILD], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, _, after = result.stderr.partition("between steps")
+    assert "Timeout" not in before and "Thread" not in before, before
+    assert "Timeout (0:00:00.400000)!" in after and "step_blocked_in_a_collective" in after, after
+    assert after.rstrip().endswith("the rank went on") and after.count("Timeout (") == 1
+
+
 def test_failure_report_names_the_rank_and_the_last_completed_step(caplog, monkeypatch):
     calls = []
     monkeypatch.setattr(sys, "excepthook", lambda *args: calls.append(args))

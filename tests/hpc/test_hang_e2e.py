@@ -1,6 +1,7 @@
 """A rank that dies (SIGKILL) or stops responding (SIGSTOP) in the middle of training, 2 nodes x 1 rank under
 launch/slurm_distill.sh with the real trainer: the job fails within ``deepspeed.timeout_minutes`` instead of hanging,
-the surviving rank's log names itself and the last completed step, and nothing is requeued."""
+the surviving rank's log names itself and the last completed step (and, when it waited out the timeout, where
+it was: its stacks), and nothing is requeued."""
 
 from __future__ import annotations
 
@@ -42,4 +43,7 @@ def test_a_lost_rank_fails_the_job_within_the_timeout(synth_data, tmp_path, fail
     if failure == signal.SIGSTOP:  # nothing closed a connection: only the process-group timeout can end the wait
         assert re.search(r"rank 0 failed after step \d+ was completed: .*(timed out|timeout)", output, re.IGNORECASE)
         assert "(a peer rank died or stopped responding within deepspeed.timeout_minutes)" in output
+        # the waiting rank wrote its stacks (StepWatchdog, 0.8 x 30 s) before its collective timed out
+        dump = output.index("Timeout (0:00:24)!")
+        assert dump < output.index("rank 0 failed after step") and "kd_pipeline/recipes/" in output[dump:], output[-6000:]
     assert requeues(cluster) == []
