@@ -42,7 +42,7 @@ class RunConfig:
     seed: int = 0
     """Seed for python, numpy and torch on every rank (each rank offsets it by its rank)."""
     stage: str = "kd_sft"
-    """What to train: `sft` (no teacher), `kd_sft` (stage 1: word-level KD + feature alignment) or `minillm` (stage 2)."""
+    """What to train: `sft` (no teacher), `kd_sft` (stage 1: word-level KD + CE, Table 1's first line) or `minillm` (stage 2: reverse-KL policy gradient + feature alignment + PT loss)."""
     init_from: str = ""
     """Stage 2 start point: a stage-1 output folder (its `best` checkpoint is used) or a checkpoint path."""
     stop_before_end_minutes: float = 0.0
@@ -149,8 +149,8 @@ class KDConfig:
     """Weight of the word-level KD term; the ground-truth cross-entropy gets 1 - alpha_kd (paper eq. 3)."""
     temperature: float = 1.0
     """Softmax temperature tau of the KD term; the term is scaled by tau^2 (paper eq. 2)."""
-    align_weight: float = 1.0
-    """Weight lambda_align of the projector-feature alignment term 1/2 ||z_T - P(z_S)||^2 (paper eq. 4-5)."""
+    align_weight: float = 0.0
+    """Stage-1 weight of the projector-feature alignment (mean squared error, eq. 4-5). 0: Table 1's stage 1 has no alignment (it belongs to stage 2, `minillm.align_weight`); > 0 is the D_al ablation."""
     fused: bool = True
     """Compute KL terms with the chunked fused kernel (never materialises full-vocabulary logits)."""
     chunk_size: int = 0
@@ -191,6 +191,10 @@ class MinillmConfig:
     """Rewards are clipped to +-this."""
     single_step_weight: float = 1.0
     """Weight of the single-step (full-vocabulary reverse KL) term."""
+    long_term_weight: float = 1.0
+    """Weight of the long-term (PPO-clipped, length-normalised policy-gradient) term; 0 drops it: single-step only, the per-token reverse KL on the mixed samples of GKD-style on-policy distillation."""
+    align_weight: float = 1.0
+    """Weight of delta_align, the projector-feature alignment (mean squared error, eq. 4-5) on every step's rollout prompts: 1 as in eq. 10 (stage 1's weight is `kd.align_weight`)."""
     kd_ratio: float = 0.5
     """Pre-training loss mix: (1 - kd_ratio) * LM + kd_ratio * forward KD."""
     pt_weight: float = 1.0
@@ -235,7 +239,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and validation schedule."""
     kd: KDConfig = field(default_factory=KDConfig)
-    """Stage-1 loss weights (and the alignment term used by stage 2 too)."""
+    """Stage-1 loss weights and the fused-kernel settings both stages use."""
     minillm: MinillmConfig = field(default_factory=MinillmConfig)
     """Stage-2 sampling and policy-gradient settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -267,6 +271,12 @@ class Config:
                               f"train.micro_batch_size x train.grad_accum = {per_rank} (0 disables the check)")
         if not 0.0 <= self.kd.alpha_kd <= 1.0:
             raise ConfigError(f"kd.alpha_kd must lie in [0, 1], got {self.kd.alpha_kd}")
+        for key, value in (("kd.align_weight", self.kd.align_weight), ("minillm.align_weight", self.minillm.align_weight),
+                           ("minillm.single_step_weight", self.minillm.single_step_weight),
+                           ("minillm.long_term_weight", self.minillm.long_term_weight),
+                           ("minillm.pt_weight", self.minillm.pt_weight)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (a loss weight; 0 turns the term off), got {value}")
         if not 0.0 <= self.minillm.mix_alpha <= 1.0:
             raise ConfigError(f"minillm.mix_alpha must lie in [0, 1], got {self.minillm.mix_alpha}")
         if self.run.stage == "minillm":

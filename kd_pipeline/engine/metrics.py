@@ -32,10 +32,22 @@ METRICS: dict[str, Metric] = {
     "loss": Metric("train", ALL_STAGES, "the optimised objective, averaged over the step's micro-batches and ranks"),
     "ce": Metric("train", SUPERVISED, "student cross-entropy per supervised token (global token mean of the step)"),
     "kd": Metric("train", "kd_sft", "tau^2 KL(p_T ‖ p_S) per supervised token (global token mean of the step)"),
-    "align": Metric("train", "kd_sft, minillm", "feature alignment ½‖z_T − P(z_S)‖² per image token"),
+    "align": Metric("train", "kd_sft, minillm",
+                    "feature alignment ½·mean over image tokens and features of (z_T − P(z_S))² (a mean squared "
+                    "error; computed and logged whatever its weight)"),
     "pg_loss": Metric("train", "minillm", "PPO-clipped long-term policy-gradient term"),
     "single_step_loss": Metric("train", "minillm", "single-step term: exact reverse KL per response token"),
     "pt_loss": Metric("train", "minillm", "D_PT loss (1 - kd_ratio) LM + kd_ratio KD (absent when pt_weight is 0)"),
+    "loss_ce": Metric("train", "kd_sft", "what CE adds to `loss`: (1 - kd.alpha_kd) x ce"),
+    "loss_kd": Metric("train", "kd_sft", "what word-level KD adds to `loss`: kd.alpha_kd x kd"),
+    "loss_align": Metric("train", "kd_sft, minillm",
+                         "what alignment adds to `loss`: kd.align_weight (stage 1) or minillm.align_weight (stage 2) "
+                         "x align"),
+    "loss_long_term": Metric("train", "minillm", "what the long-term term adds: minillm.long_term_weight x pg_loss"),
+    "loss_single_step": Metric("train", "minillm",
+                               "what the single-step term adds: minillm.single_step_weight x single_step_loss"),
+    "loss_pt": Metric("train", "minillm", "what the PT loss adds: minillm.pt_weight x pt_loss (the `loss_*` of a "
+                                          "line sum to `loss`)"),
     "rev_kl": Metric("stage2", "minillm",
                      "exact reverse KL(q ‖ p) per response token of the step, token-weighted over ranks"),
     "clip_frac": Metric("stage2", "minillm", "share of the step's response tokens where PPO's clip is active"),
@@ -59,9 +71,12 @@ METRICS: dict[str, Metric] = {
     "val_len_student": Metric("val", "minillm", "mean length of the student-only validation answers"),
 }
 
-# Shown on the progress bar when present (the full record goes to metrics.jsonl and TensorBoard).
-PROGRESS_KEYS = ("loss", "ce", "kd", "align", "pg_loss", "rev_kl", "pt_loss", "reward", "val_loss", "tokens_per_s",
-                 "data_wait_frac")
+# What each term adds to the loss (weight x term) is logged as CONTRIBUTION_PREFIX + the term's name.
+CONTRIBUTION_PREFIX = "loss_"
+# Shown on the progress bar when present (the full record goes to metrics.jsonl and TensorBoard): the loss and what
+# each of its terms adds, so the bar shows at once which term dominates.
+PROGRESS_KEYS = ("loss", "loss_ce", "loss_kd", "loss_align", "loss_long_term", "loss_single_step", "loss_pt", "ce",
+                 "rev_kl", "reward", "val_loss", "tokens_per_s", "data_wait_frac")
 
 
 def tensorboard_tag(name: str) -> str:

@@ -83,6 +83,7 @@ class PolicySettings:
     """Stage-2 policy-gradient knobs (paper eq. 6-10, MiniLLM's code)."""
     clip_eps: float = 0.2
     single_step_weight: float = 1.0
+    long_term_weight: float = 1.0  # 0: single-step only (no PPO term)
     align_weight: float = 0.0
     chunk_size: int | None = None
 
@@ -124,7 +125,8 @@ class StudentModule(nn.Module):
 
         ``token_count`` divides the token sums of ``ce`` and ``kd`` (default: this batch's supervised tokens; the
         training loop passes the step's global count, see ``losses/stage1.py``). Returns ``loss`` and each term:
-        ``ce``, and with a teacher ``kd`` (already times tau^2) and ``align``.
+        ``ce``, and with a teacher ``kd`` (already times tau^2) and ``align``, and what each adds to ``loss``
+        (``loss_ce`` = (1 - alpha_kd) ce, ``loss_kd`` = alpha_kd kd, ``loss_align`` = lambda align; they sum to it).
         """
         hidden, features = hidden_and_features(self.llava, batch)  # (B, L, Hs), (N_img, T_img, Hs)
         targets = batch["labels"][:, 1:]  # (B, L-1)
@@ -149,19 +151,25 @@ class StudentModule(nn.Module):
             terms["loss"] = combine_stage1(terms["kd"], terms["ce"], settings.alpha_kd)
         terms["align"], terms["loss"] = self._add_alignment(terms["loss"], features, teacher.features,
                                                             settings.align_weight)
+        terms.update(loss_ce=(1.0 - settings.alpha_kd) * terms["ce"].detach(),
+                     loss_kd=settings.alpha_kd * terms["kd"].detach(),
+                     loss_align=settings.align_weight * terms["align"].detach())
         return terms
 
     def minillm_terms(self, rollout: dict, rollout_teacher: TeacherOutputs, pt_batch: dict | None,
                       pt_teacher: TeacherOutputs | None, policy: PolicySettings,
                       pt_settings: LossSettings, pt_weight: float) -> dict[str, torch.Tensor]:
-        """Stage 2 on one micro-batch (paper eq. 10): PPO-clipped long-term term + single-step reverse KL +
-        pt_weight x PT loss (only when ``pt_batch`` is given) + lambda_align x alignment.
+        """Stage 2 on one micro-batch (paper eq. 10): long_term_weight x PPO-clipped long-term term +
+        single_step_weight x single-step reverse KL + pt_weight x PT loss (only when ``pt_batch`` is given) +
+        align_weight x alignment (the mean squared error of the projector features on the rollout prompts).
 
         ``rollout`` holds the prompt+response sequences (``input_ids``/``attention_mask``/``position_ids``
         (B, P+T), ``pixel_values``) and per response token (B, T): ``response_mask``, ``old_logprob``,
         ``advantages``, ``weights``. ``rollout_teacher.hidden`` is the teacher's (B, T, Ht) at the positions that
         predict the response tokens (cached once per rollout round). Returns ``loss``, ``pg_loss``,
-        ``single_step_loss``, ``align``, ``clip_frac`` (detached) and, with a PT batch, ``pt_loss``.
+        ``single_step_loss``, ``align``, ``clip_frac`` (detached) and, with a PT batch, ``pt_loss``; and what each
+        term adds to ``loss`` (``loss_long_term``, ``loss_single_step``, ``loss_align``, ``loss_pt``: weight x term,
+        summing to ``loss``).
         """
         from kd_pipeline.losses.minillm import policy_gradient_loss, policy_loss_share, single_step_loss
 
@@ -172,7 +180,8 @@ class StudentModule(nn.Module):
         student_hidden = hidden[:, prompt_length - 1:-1]  # (B, T, Hs): position P-1+t predicts response token t
         # the share lets the fused head form this loss's gradient in its forward (no logits recompute in backward)
         share = policy_loss_share(rollout["old_logprob"], rollout["advantages"], rollout["weights"], mask,
-                                  clip_eps=policy.clip_eps, single_step_weight=policy.single_step_weight)
+                                  clip_eps=policy.clip_eps, single_step_weight=policy.single_step_weight,
+                                  long_term_weight=policy.long_term_weight)
         reverse_kl, logprob_new = fused_token_kl(
             student_hidden, self.head_weight, rollout_teacher.hidden, rollout_teacher.head_weight,
             direction="reverse", chunk_size=policy.chunk_size, targets=response.masked_fill(~mask, IGNORE_INDEX),
@@ -180,20 +189,24 @@ class StudentModule(nn.Module):
         pg_loss, clip_frac = policy_gradient_loss(logprob_new, rollout["old_logprob"], rollout["advantages"],
                                                   rollout["weights"], mask, clip_eps=policy.clip_eps)
         single = single_step_loss(reverse_kl, mask)
-        loss = pg_loss + policy.single_step_weight * single
+        loss = policy.long_term_weight * pg_loss + policy.single_step_weight * single
         align, loss = self._add_alignment(loss, features, rollout_teacher.features, policy.align_weight)
-        terms = {"pg_loss": pg_loss, "single_step_loss": single, "align": align, "clip_frac": clip_frac}
+        terms = {"pg_loss": pg_loss, "single_step_loss": single, "align": align, "clip_frac": clip_frac,
+                 "loss_long_term": policy.long_term_weight * pg_loss.detach(),
+                 "loss_single_step": policy.single_step_weight * single.detach(),
+                 "loss_align": policy.align_weight * align.detach()}
         if pt_batch is not None:
             # supervised_terms with alpha_kd = kd_ratio and tau = 1 is exactly (1 - kd_ratio) LM + kd_ratio KD
             # (MiniLLM's PT loss); its "loss" carries the gradient (the fused path returns kd/ce detached).
             terms["pt_loss"] = self.supervised_terms(pt_batch, pt_teacher, pt_settings)["loss"]
+            terms["loss_pt"] = pt_weight * terms["pt_loss"].detach()
             loss = loss + pt_weight * terms["pt_loss"]
         terms["loss"] = loss
         return terms
 
     def _add_alignment(self, loss: torch.Tensor, features: torch.Tensor, teacher_features: torch.Tensor | None,
                        align_weight: float):
-        """Add lambda_align x 1/2||z_T - P(z_S)||^2. With no image rows (a text-only batch) P still runs on the
+        """Add lambda_align x the alignment's mean squared error. With no image rows (a text-only batch) P still runs on the
         empty features and 0 x its output is added: ZeRO-3 reduces gradients per parameter across ranks, so every
         rank's P (and projector) must take part, here with exact zero gradients."""
         mapped = self.feature_map(features)  # (N_img, T_img, Ht)

@@ -258,10 +258,12 @@ def policy_loss_share(
     *,
     clip_eps: float = 0.2,
     single_step_weight: float = 1.0,
+    long_term_weight: float = 1.0,
 ):
-    """policy_gradient_loss(logprob_new, logprob_old, advantages, weights, mask, clip_eps) + single_step_weight ·
-    single_step_loss(kl, mask) (both token means) as the ``loss_share`` of `kd_pipeline.losses.fused_token_kl`,
-    which then forms this loss's gradient in its forward instead of recomputing logits in backward.
+    """long_term_weight · policy_gradient_loss(logprob_new, logprob_old, advantages, weights, mask, clip_eps) +
+    single_step_weight · single_step_loss(kl, mask) (both token means) as the ``loss_share`` of
+    `kd_pipeline.losses.fused_token_kl`, which then forms this loss's gradient in its forward instead of recomputing
+    logits in backward. ``long_term_weight=0`` leaves the single-step term alone (no policy-gradient term).
 
     Arguments as for those two losses, (B, T) each. Returns ``share(kl, logprob, positions)``: the loss's part
     from the tokens at the flat ``positions`` (both terms are sums over tokens divided by the valid count).
@@ -272,9 +274,12 @@ def policy_loss_share(
         def pick(per_token: torch.Tensor) -> torch.Tensor:
             return per_token.reshape(-1)[positions][None]  # (1, C)
 
+        single_sum = single_step_weight * kl.sum()
+        if long_term_weight == 0:
+            return single_sum / count
         policy_sum, _ = policy_gradient_loss(logprob[None], pick(logprob_old), pick(advantages), pick(weights),
                                              torch.ones_like(logprob[None]), clip_eps=clip_eps, reduction="sum")
-        return (policy_sum + single_step_weight * kl.sum()) / count
+        return (long_term_weight * policy_sum + single_sum) / count
 
     return share
 

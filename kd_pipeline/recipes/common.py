@@ -43,7 +43,7 @@ from kd_pipeline.data import load_loader_state
 from kd_pipeline.engine.build import Engines, build_engines
 from kd_pipeline.engine.collectives import MAX, all_reduce_floats
 from kd_pipeline.engine.ds_config import load_ds_json, zero_stage
-from kd_pipeline.engine.metrics import MetricsLogger, reduce_sum
+from kd_pipeline.engine.metrics import CONTRIBUTION_PREFIX, MetricsLogger, reduce_sum
 from kd_pipeline.engine.stopping import RESUME_EXIT_CODE, StepWatchdog, StopController, install_failure_report
 from kd_pipeline.progress import ResumeCheck, check_resume
 from kd_pipeline.runtime import Runtime, capture_rng_state, restore_rng_state, seed_everything
@@ -65,6 +65,19 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 value = value.to(dtype)
         moved[key] = value
     return moved
+
+
+def log_term_sizes(record: dict[str, float]) -> None:
+    """One log line with what each term adds to the loss (``loss_*``: weight x term) and its share of their sum, so
+    a term that swamps the others is seen at the first step, not read off metrics.jsonl after the run."""
+    contributions = {name.removeprefix(CONTRIBUTION_PREFIX): value for name, value in record.items()
+                     if name.startswith(CONTRIBUTION_PREFIX)}
+    if not contributions:
+        return
+    total = sum(abs(value) for value in contributions.values()) or 1.0
+    log.info("step 1 loss terms (weight x term): %s = loss %.4g", ", ".join(
+        f"{name} {value:.4g} ({100 * abs(value) / total:.0f} %)" for name, value in contributions.items()),
+        record.get("loss", float("nan")))
 
 
 def detached(terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -284,7 +297,8 @@ class StepEnd:
 
     1. validate every ``train.eval_every`` steps and at the last step (never with ``train.eval_every=0``); a lower
        ``val_loss`` than any before makes this step ``best``;
-    2. log the line (every ``run.log_every`` steps, on validation steps and at the last step) and the progress bar;
+    2. log the line (at step 1, every ``run.log_every`` steps, on validation steps and at the last step) and the
+       progress bar; at step 1 also one log line with each loss term's size and share of the loss;
     3. stop on a signal or the job's end time (agreed by all ranks), or at ``run.stop_at_step``, which stops once:
        the run that reaches it stops, a run resumed at or past it continues to ``train.max_steps``;
     4. save every ``checkpoint.every_steps`` steps, at the last step, when stopping and on a new best.
@@ -306,8 +320,10 @@ class StepEnd:
             record.update(self.validate())
             if state.best_val_loss is None or record["val_loss"] < state.best_val_loss:
                 state.best_val_loss, state.best_tag, is_best = record["val_loss"], ckpt.tag_for_step(step), True
-        if step % config.run.log_every == 0 or "val_loss" in record or last:
-            metrics.log(step, record)
+        if step % config.run.log_every == 0 or "val_loss" in record or last or step == 1:
+            metrics.log(step, record)  # step 1 always: a term that dominates the loss shows at once
+        if step == 1 and metrics.enabled:  # rank 0 (the record is already reduced over ranks)
+            log_term_sizes(record)
         metrics.progress(step, record)
         # Signals need the ranks' agreement (collective); the step limit is the same on every rank (config).
         stop = self.session.stopper.should_stop() or self.start_step < config.run.stop_at_step == step

@@ -187,7 +187,8 @@ def _policy_step(engines: Engines, config: Config, entry: dict, pt_batch: dict |
     return engines.student(
         mode="minillm", rollout=entry, rollout_teacher=rollout_teacher, pt_batch=pt_batch, pt_teacher=pt_teacher,
         policy=PolicySettings(clip_eps=settings.clip_eps, single_step_weight=settings.single_step_weight,
-                              align_weight=config.kd.align_weight, chunk_size=config.kd.chunk_size or None),
+                              long_term_weight=settings.long_term_weight, align_weight=settings.align_weight,
+                              chunk_size=config.kd.chunk_size or None),
         pt_settings=LossSettings(alpha_kd=settings.kd_ratio, temperature=1.0, align_weight=0.0, fused=config.kd.fused,
                                  chunk_size=config.kd.chunk_size or None),
         pt_weight=settings.pt_weight)

@@ -1,5 +1,6 @@
 """The supervised recipes: ``run.stage=sft`` (student only, ground truth) and ``run.stage=kd_sft`` (stage 1 of the
-paper: word-level KD + projector-feature alignment, best-validation checkpoint kept).
+paper, Table 1's first line: word-level KD with the ground truth, best-validation checkpoint kept; the projector
+alignment is off by default, ``kd.align_weight`` > 0 adds it as an ablation).
 
 The loop lives here and only here. One optimizer step = ``train.grad_accum`` micro-batches, fetched first: the
 step's global count N of supervised tokens (all micro-batches, all ranks; one all-reduce) divides every token sum,
@@ -21,7 +22,7 @@ import torch
 from kd_pipeline.config import Config
 from kd_pipeline.data import build_eval_loader, build_train_loader
 from kd_pipeline.engine.build import Engines
-from kd_pipeline.engine.metrics import reduce_mean, reduce_sum
+from kd_pipeline.engine.metrics import CONTRIBUTION_PREFIX, reduce_mean, reduce_sum
 from kd_pipeline.engine.modules import LossSettings
 from kd_pipeline.prompts import IGNORE_INDEX
 from kd_pipeline.recipes.common import StepClock, StepEnd, detached, open_session, to_device
@@ -85,7 +86,8 @@ def evaluate(engines: Engines, config: Config, runtime: Runtime, eval_loader) ->
         batch = to_device(batch, runtime.device, runtime.dtype)
         count = supervised_count(batch)
         for name, value in detached(loss_terms(engines, batch, config)).items():
-            sums[name] = sums.get(name, 0.0) + value * count
+            if not name.startswith(CONTRIBUTION_PREFIX):  # validation reports the terms; their weights are known
+                sums[name] = sums.get(name, 0.0) + value * count
         tokens += count
     engines.student.train()
     totals = reduce_sum({**sums, "_tokens": float(tokens)})

@@ -41,6 +41,11 @@ def test_metrics_and_checkpoint_layout(uninterrupted):
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     for line in lines:
         assert {"step", "loss", "ce", "kd", "align", "lr", "tokens_per_s", "data_wait_frac", "step_time_s"} <= set(line)
+        # Table 1's stage 1 by default: the alignment is measured (align > 0) but adds nothing, and what each term
+        # adds is logged and sums to the loss
+        assert line["loss_align"] == 0.0 and line["align"] > 0
+        assert line["loss_ce"] == pytest.approx(0.5 * line["ce"], rel=1e-5)
+        assert line["loss"] == pytest.approx(line["loss_ce"] + line["loss_kd"], rel=1e-5)
     assert {"val_loss", "val_ce", "val_kd", "val_align"} <= set(lines[1]) and "val_loss" in lines[3]
     assert lines[-1]["loss"] < lines[0]["loss"], "the student's loss must go down"
     checkpoints = uninterrupted / "checkpoints"

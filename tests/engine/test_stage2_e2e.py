@@ -36,6 +36,10 @@ def test_equal_teacher_forwards_and_telemetry(stage2_run):
         assert {"loss", "pg_loss", "single_step_loss", "pt_loss", "align", "reward", "len_mixed", "w_mean",
                 "w_max", "clip_frac", "rev_kl", "lr", "tokens_per_s", "data_wait_frac", "step_time_s"} <= set(line)
         assert 0 < line["len_mixed"] <= 24 and line["w_max"] >= line["w_mean"] > 0
+        # what each term adds, weight x term, sums to the loss; delta_align is on with weight 1 (eq. 10)
+        assert line["loss_align"] == pytest.approx(line["align"]) and line["align"] > 0
+        assert line["loss"] == pytest.approx(sum(line[f"loss_{term}"] for term in
+                                                 ("long_term", "single_step", "align", "pt")), rel=1e-5, abs=1e-7)
         assert line["rev_kl"] > 0 and 0 <= line["clip_frac"] <= 1
     validation = [lines[0], lines[4], lines[8]]
     for line in validation:

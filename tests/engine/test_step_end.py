@@ -38,7 +38,7 @@ def run_steps(overrides, *, start=0, until=None, **recorder_args):
     recorder = Recorder(**recorder_args)
     recorder.state = state = TrainerState(step=start)
     session = SimpleNamespace(config=config, state=state, stopper=recorder,
-                              metrics=SimpleNamespace(log=recorder.log, progress=lambda *_: None))
+                              metrics=SimpleNamespace(log=recorder.log, progress=lambda *_: None, enabled=True))
     end_of_step = StepEnd(session, validate=recorder.validate, save=recorder.save)
     for step in range(start + 1, (until or config.train.max_steps) + 1):
         state.step = step
@@ -54,7 +54,7 @@ def test_cadences_and_best():
     recorder, state, stopped = run_steps(CADENCE, val_losses={4: 0.9, 8: 0.95, 10: 0.5})
     assert stopped is None
     assert recorder.validated == [4, 8, 10]
-    assert recorder.logged == [4, 5, 8, 10]  # every 5 steps, every validation, the last step
+    assert recorder.logged == [1, 4, 5, 8, 10]  # step 1, every 5 steps, every validation, the last step
     assert recorder.saved == [3, 4, 6, 9, 10]  # every 3 steps, each new best (4; not 8), the last step
     assert state.best_val_loss == 0.5 and state.best_tag == "step_00000010"
 
@@ -78,3 +78,21 @@ def test_a_signal_stops_and_saves_off_cadence():
 def test_eval_every_zero_never_validates():
     recorder, state, _ = run_steps(["train.max_steps=4", "train.eval_every=0", "checkpoint.every_steps=2"])
     assert recorder.validated == [] and state.best_tag is None and recorder.saved == [2, 4]
+
+
+def test_step_one_is_logged_with_each_terms_share_of_the_loss(caplog):
+    """A term that dominates is visible at the first step: the line names each loss_* term with its share."""
+    config = load_config(None, ["train.max_steps=3", "run.log_every=10", "train.eval_every=0"])
+    logged = []
+    state = TrainerState(step=0)
+    session = SimpleNamespace(config=config, state=state, stopper=SimpleNamespace(should_stop=lambda: False),
+                              metrics=SimpleNamespace(log=lambda step, record: logged.append(step),
+                                                      progress=lambda *_: None, enabled=True))
+    end_of_step = StepEnd(session, validate=dict, save=lambda: None)
+    with caplog.at_level("INFO", logger="kd_pipeline.recipes.common"):
+        for step in (1, 2):
+            state.step = step
+            end_of_step({"loss": 2.0, "loss_ce": 0.5, "loss_align": 1.5, "ce": 1.0, "align": 1.5})
+    assert logged == [1]
+    lines = [record.getMessage() for record in caplog.records if "loss terms" in record.getMessage()]
+    assert lines == ["step 1 loss terms (weight x term): ce 0.5 (25 %), align 1.5 (75 %) = loss 2"]

@@ -142,11 +142,13 @@ def test_fused_stage1_loss_matches_fp64_mix_and_gradients(alpha_kd):
 
 
 def naive_alignment(student_features, teacher_features, mask):
+    """1/2 x the mean squared error over the included tokens and every feature, element by element in fp64."""
     total, count = torch.zeros((), dtype=torch.float64), 0
     for batch, token in mask.nonzero().tolist():
-        difference = teacher_features[batch, token].double() - student_features[batch, token].double()
-        total = total + 0.5 * (difference * difference).sum()
-        count += 1
+        for feature in range(teacher_features.shape[-1]):
+            difference = teacher_features[batch, token, feature].double() - student_features[batch, token, feature].double()
+            total = total + 0.5 * difference * difference
+            count += 1
     return total / max(count, 1)
 
 
@@ -174,8 +176,21 @@ def test_alignment_with_nothing_masked_in_is_zero_with_zero_gradient():
     assert loss.item() == 0.0 and torch.all(student_features.grad == 0)
 
 
+def test_alignment_is_a_mean_whose_value_does_not_grow_with_the_hidden_size():
+    """The paper's mean squared error: features with the same per-element error give the same loss at H = 16 and
+    at GeoChat-13B's 5120 (a sum over the hidden dimension, the first version's, grows 320-fold)."""
+    generator = torch.Generator().manual_seed(7)
+    losses = {}
+    for hidden in (16, 5120):
+        teacher_features = torch.randn(2, 3, hidden, generator=generator)
+        error = torch.where(torch.rand(2, 3, hidden, generator=generator) < 0.5, -0.3, 0.3)  # |error| 0.3 everywhere
+        losses[hidden] = alignment_loss(teacher_features + error, teacher_features).item()
+    assert losses[16] == pytest.approx(0.5 * 0.3 ** 2, rel=1e-5)
+    assert losses[5120] == pytest.approx(losses[16], rel=1e-5)
+
+
 def test_projector_gradient_matches_closed_form():
-    """d/dW mean_t 1/2 ||z_T - W z_S||^2 = mean_t (W z_S - z_T) z_S^T, in fp64."""
+    """d/dW 1/2 mean_{t,h} (z_T - W z_S)^2 = (W z_S - z_T) z_S^T / (tokens x Ht), in fp64."""
     generator = torch.Generator().manual_seed(5)
     projector = FeatureProjector(8, 12)
     student_features = torch.randn(2, 5, 8, generator=generator)
@@ -185,7 +200,7 @@ def test_projector_gradient_matches_closed_form():
     weight = projector.proj.weight.detach().double()  # (Ht, Hs)
     flat_student = student_features.to(torch.bfloat16).double().reshape(-1, 8)  # (B*N, Hs)
     residual = flat_student @ weight.T - teacher_features.double().reshape(-1, 12)  # (B*N, Ht)
-    expected_grad = residual.T @ flat_student / flat_student.shape[0]  # (Ht, Hs)
+    expected_grad = residual.T @ flat_student / (flat_student.shape[0] * 12)  # (Ht, Hs)
     assert projector.proj.bias is None
     torch.testing.assert_close(projector.proj.weight.grad.double(), expected_grad, **FP32)
 
