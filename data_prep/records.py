@@ -100,11 +100,13 @@ def record_id(record: object) -> object:
     return None
 
 
-def validate_record(record: object) -> tuple[str | None, list[dict[str, str]]]:
+def validate_record(record: object, prompts_only: bool = False) -> tuple[str | None, list[dict[str, str]]]:
     """Check structure, roles, image token and box text of one record.
 
     Returns ``(image_path or None, conversations)`` with conversations reduced to ``{"from", "value"}`` turns.
-    Raises RecordRejected on the first failed check.
+    With ``prompts_only`` (``data_prep shard --prompts-only``: stage 2's prompts, no answers) the conversation is
+    cut after its last human turn, so a record may end with a question and a trailing answer is dropped, never
+    stored. Raises RecordRejected on the first failed check.
     """
     if not isinstance(record, dict):
         raise RecordRejected("malformed_record", f"record is a {type(record).__name__}, expected an object")
@@ -117,14 +119,14 @@ def validate_record(record: object) -> tuple[str | None, list[dict[str, str]]]:
             raise RecordRejected("malformed_record", f"'image' must be a non-empty string, got {image_path!r}")
         check_image_path(image_path)
 
-    conversations = _validate_turns(record.get("conversations"))
+    conversations = _validate_turns(record.get("conversations"), prompts_only)
     _check_image_tokens(conversations, has_image=image_path is not None)
     for turn in conversations:
         parse_boxes(turn["value"])
     return image_path, conversations
 
 
-def _validate_turns(turns: object) -> list[dict[str, str]]:
+def _validate_turns(turns: object, prompts_only: bool = False) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise RecordRejected("malformed_record", "'conversations' must be a non-empty list")
     cleaned = []
@@ -142,8 +144,11 @@ def _validate_turns(turns: object) -> list[dict[str, str]]:
         if not value.strip():
             raise RecordRejected("malformed_record", f"turn {turn_index} is empty")
         cleaned.append({"from": role, "value": value})
+    if prompts_only:
+        return cleaned[:max(index for index, turn in enumerate(cleaned) if turn["from"] == "human") + 1]
     if cleaned[-1]["from"] != "gpt":
-        raise RecordRejected("malformed_record", "the last turn is from human: no answer to train on")
+        raise RecordRejected("malformed_record", "the last turn is from human: no answer to train on (shard "
+                                                 "prompts for stage 2 with --prompts-only)")
     return cleaned
 
 

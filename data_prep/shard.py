@@ -6,6 +6,8 @@ Runbook::
         --out /data/geochat/shards --workers 16            # 512 MiB shards, 1% validation split, seed 0
     python -m data_prep shard ... --resume                 # after an interruption: same arguments plus --resume
     python -m data_prep verify /data/geochat/shards
+    python -m data_prep shard --instruct prompts.json --images IMAGES --out prompt_shards --prompts-only
+                                                           # stage 2's prompts: questions without answers
     # on several machines: task i of n writes its share of the same plan, then one merge writes the manifest
     python -m data_prep shard ... --task-index i --num-tasks n        # for i in 0..n-1, in parallel
     python -m data_prep shard ... --merge                             # after all tasks (launch/slurm_data_prep.sh)
@@ -23,6 +25,10 @@ cannot depend on the worker count).
 A task (``--task-index/--num-tasks``) writes shards and their progress records only; it reuses its own verified
 shards, so a requeued task redoes only what is missing. ``--merge`` writes no shard: it checks every planned shard
 against its progress record and writes manifest.json and rejects.jsonl, byte-identical to a one-process run.
+
+``--prompts-only`` shards prompts for stage 2 (``run.stage=minillm`` samples its own answers): every conversation
+is cut after its last human turn, so records may end with a question and any trailing answer is dropped, never
+written; the manifest's ``kind`` is ``prompts`` and the supervised stages refuse such a folder.
 
 Exit codes: 0 success; 1 more than ``--max-reject-fraction`` of the records rejected (default 0.05: a higher rate
 usually means a wrong ``--images`` directory or a schema mismatch; outputs are still written), or ``--merge`` found
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-tasks", type=int, default=1,
                         help="parallel tasks sharing the plan (a Slurm array); each writes its share, no manifest")
     parser.add_argument("--task-index", type=int, default=0, help="this task's index in 0..num-tasks-1")
+    parser.add_argument("--prompts-only", action="store_true",
+                        help="stage 2's prompts: cut every conversation after its last human turn (no answers "
+                             "stored); manifest kind 'prompts'")
     parser.add_argument("--merge", action="store_true",
                         help="after all tasks: check every planned shard and write manifest.json + rejects.jsonl")
     return parser
@@ -96,7 +105,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--merge checks the whole plan in one step: it takes no --task-index/--num-tasks")
 
 
-def screen_records(records: list[object], images_dir: str) -> tuple[list[SampleSpec], list[dict]]:
+def screen_records(records: list[object], images_dir: str,
+                   prompts_only: bool = False) -> tuple[list[SampleSpec], list[dict]]:
     """Checks that need no decoding, in input order: structure, tokens, boxes, image presence, duplicate ids.
 
     Returns the samples to plan and the rejects found so far.
@@ -108,7 +118,7 @@ def screen_records(records: list[object], images_dir: str) -> tuple[list[SampleS
         try:
             if isinstance(record, UnparsableLine):
                 raise RecordRejected("malformed_record", record.detail)
-            image_name, conversations = validate_record(record)
+            image_name, conversations = validate_record(record, prompts_only)
             image_path, image_size = None, 0
             if image_name is not None:
                 image_path = os.path.join(images_dir, image_name)
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     source = describe_source(args.instruct)
-    specs, rejects = screen_records(records, args.images)
+    specs, rejects = screen_records(records, args.images, args.prompts_only)
     logger.info("screened %d records: %d to write, %d rejected", len(records), len(specs), len(rejects))
     splits = assign_splits(specs, args.seed, args.val_fraction)
     jobs = plan_shards(splits, int(args.max_shard_mb * MEBIBYTE), args.max_shard_samples, args.max_image_pixels)
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         rejects.extend(result.rejects)
     manifest = build_manifest(
-        kind="instruct", source=source, seed=args.seed, val_fraction=args.val_fraction,
+        kind="prompts" if args.prompts_only else "instruct", source=source, seed=args.seed, val_fraction=args.val_fraction,
         max_image_pixels=args.max_image_pixels, input_count=len(records),
         shard_results=[vars(result) for result in results], split_names=("train", "val"),
         task_kinds=count_by([kind for result in results for kind in result.task_kinds], TASK_KINDS),

@@ -28,6 +28,7 @@ from data_prep.sources import sha256_file
 _END_OF_ARCHIVE_BYTES = 1024
 _REQUIRED_FIELDS = {
     "instruct": ("id", "image", "image_ext", "width", "height", "task", "conversations"),
+    "prompts": ("id", "image", "image_ext", "width", "height", "task", "conversations"),
     "pretrain": ("id", "task", "text"),
 }
 

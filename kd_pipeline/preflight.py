@@ -100,11 +100,13 @@ def _embedding_rows(config_file: Path) -> int:
 
 
 def check_shards(config: Config) -> None:
-    from kd_pipeline.data.manifest import ManifestError, read_split
+    from kd_pipeline.data.manifest import PROMPT_KINDS, ManifestError, read_split
+
+    prompt_kinds = PROMPT_KINDS if config.run.stage == "minillm" else None  # stage 2 reads prompts only
 
     def check_split(key: str, folder: str, split: str, hint: str = "") -> None:
         try:
-            read_split(folder, split)
+            read_split(folder, split, prompt_kinds if split != "pt" else None)
         except ManifestError as error:
             raise ManifestError(f"{key}={folder}: {error}{hint}") from error
 
@@ -150,7 +152,7 @@ def check_resume_loader_states(config: Config) -> None:
     """The loader states saved in the checkpoint to resume must fit this run's shards and seed: a resume against
     other data or another seed cannot replay the stream (``data.state``). Only that mismatch is refused here; a
     damaged state file is left to the resume itself, which falls back to an earlier checkpoint."""
-    from kd_pipeline.data.manifest import read_split
+    from kd_pipeline.data.manifest import PROMPT_KINDS, read_split
     from kd_pipeline.data.state import LoaderStateError, load_loader_state
 
     folder = _resume_candidate(config)
@@ -170,7 +172,8 @@ def check_resume_loader_states(config: Config) -> None:
         if state is None:
             continue
         try:
-            state.check_compatible(loader=name, split=split, fingerprint=read_split(shards, split).fingerprint,
+            kinds = PROMPT_KINDS if name == "prompt" else None
+            state.check_compatible(loader=name, split=split, fingerprint=read_split(shards, split, kinds).fingerprint,
                                    seed=config.run.seed)
         except LoaderStateError as error:
             raise LoaderStateError(f"resuming {folder} ({name} loader): {error}") from error

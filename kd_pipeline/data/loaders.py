@@ -33,7 +33,7 @@ import torch
 from kd_pipeline.config import ConfigError
 from kd_pipeline.data import pipeline
 from kd_pipeline.data.collate import collate_left_padded, padding_batch, training_collate
-from kd_pipeline.data.manifest import SplitShards, read_split
+from kd_pipeline.data.manifest import PROMPT_KINDS, SplitShards, read_split
 from kd_pipeline.data.samples import (BadSample, BadSampleLog, EncodingSettings, InstructEncoder, PretrainEncoder,
                                       PromptEncoder)
 from kd_pipeline.data.state import LoaderState, RankState, WorkerPosition
@@ -257,11 +257,12 @@ def check_readers(split: SplitShards, world_size: int, num_workers: int) -> None
 
 def check_loader_readers(config, world_size: int) -> None:
     """Before any model is built: every training split the run's stage reads can feed its readers."""
-    splits = [(config.data.shards, "train")]
+    kinds = PROMPT_KINDS if config.run.stage == "minillm" else None
+    splits = [(config.data.shards, "train", kinds)]
     if config.run.stage == "minillm" and config.data.pt_shards:
-        splits.append((config.data.pt_shards, "pt"))
-    for folder, split in splits:
-        check_readers(read_split(folder, split), world_size, config.data.num_workers)
+        splits.append((config.data.pt_shards, "pt", None))
+    for folder, split, split_kinds in splits:
+        check_readers(read_split(folder, split, split_kinds), world_size, config.data.num_workers)
 
 
 # ----------------------------------------------------------------------------------------------------- builders
@@ -305,7 +306,8 @@ def build_prompt_loader(data_cfg, *, tokenizer, image_size: int, num_image_token
     """Stage-2 rollout prompts (left-padded, no labels); prompts over ``max_prompt_length`` text tokens are skipped."""
     settings = _settings(data_cfg, tokenizer, image_size, num_image_tokens, max_prompt_length)
     collate = functools.partial(collate_left_padded, pad_id=tokenizer.pad_token_id, image_size=image_size)
-    return TrainLoader(loader="prompt", split=read_split(data_cfg.shards, split), encoder=PromptEncoder(settings),
+    return TrainLoader(loader="prompt", split=read_split(data_cfg.shards, split, PROMPT_KINDS),
+                       encoder=PromptEncoder(settings),
                        collate=collate, seed=seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, micro_batch_size=micro_batch_size,
                        shuffle_buffer=data_cfg.shuffle_buffer, state=state, pin_memory=pin_memory)
@@ -404,6 +406,7 @@ def build_eval_prompt_loader(data_cfg, *, tokenizer, image_size: int, num_image_
     prompt_padding = {key: value for key, value in padding_batch(
         bos_id=tokenizer.bos_token_id, image_token_id=settings.image_token_id, num_image_tokens=num_image_tokens,
         image_size=image_size).items() if key != "labels"}
-    return EvalLoader(read_split(data_cfg.shards, split), PromptEncoder(settings), collate, prompt_padding, rank=rank,
+    return EvalLoader(read_split(data_cfg.shards, split, PROMPT_KINDS), PromptEncoder(settings), collate,
+                      prompt_padding, rank=rank,
                       world_size=world_size, micro_batch_size=micro_batch_size, max_batches=max_batches,
                       num_workers=min(1, data_cfg.num_workers))

@@ -20,6 +20,7 @@ from kd_pipeline.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KIND_OF_SPLIT = {"train": "instruct", "val": "instruct", "pt": "pretrain"}
+PROMPT_KINDS = ("instruct", "prompts")  # stage 2 reads prompts: labelled records or `data_prep shard --prompts-only`
 
 
 class ManifestError(UserError, ValueError):
@@ -54,8 +55,9 @@ class SplitShards:
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
-def read_split(folder: str | Path, split: str) -> SplitShards:
-    """The shards of ``split`` ("train", "val" or "pt") listed in ``folder/manifest.json``, checked on disk."""
+def read_split(folder: str | Path, split: str, kinds: tuple[str, ...] | None = None) -> SplitShards:
+    """The shards of ``split`` ("train", "val" or "pt") listed in ``folder/manifest.json``, checked on disk;
+    ``kinds``: the manifest kinds the reader accepts (default: the split's own, ``KIND_OF_SPLIT``)."""
     if not str(folder) or not Path(folder).is_dir():
         raise ManifestError(f"shard folder {str(folder)!r} does not exist: set data.shards (or data.pt_shards) to a "
                             f"`data_prep shard` / `data_prep pt` output folder")
@@ -74,7 +76,11 @@ def read_split(folder: str | Path, split: str) -> SplitShards:
     expected_kind = KIND_OF_SPLIT.get(split)
     if expected_kind is None:
         raise ManifestError(f"unknown split {split!r}; known: {', '.join(KIND_OF_SPLIT)}")
-    if manifest.get("kind") != expected_kind:
+    accepted = kinds or (expected_kind,)
+    if manifest.get("kind") == "prompts" and "prompts" not in accepted:
+        raise ManifestError(f"{path} holds prompts without answers (data_prep shard --prompts-only): training on "
+                            f"answers needs instruction shards; use this folder as stage 2's data.shards")
+    if manifest.get("kind") not in accepted:
         raise ManifestError(f"{path} is a {manifest.get('kind')!r} manifest but split {split!r} needs "
                             f"{expected_kind!r} (instruction shards for train/val, data_prep pt output for pt)")
     entries = manifest.get("shards")
@@ -87,7 +93,7 @@ def read_split(folder: str | Path, split: str) -> SplitShards:
         shards.append(_checked_shard(folder, path, entry))
     if not shards:
         raise ManifestError(f"{path} lists no {split!r} shards")
-    return SplitShards(folder=str(folder.resolve()), split=split, kind=expected_kind, shards=tuple(shards))
+    return SplitShards(folder=str(folder.resolve()), split=split, kind=manifest["kind"], shards=tuple(shards))
 
 
 def _checked_shard(folder: Path, manifest_path: Path, entry: dict) -> ShardInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -258,3 +259,43 @@ def test_the_in_flight_pattern_matches_what_write_atomic_creates(tmp_path, monke
     fileio.write_atomic(tmp_path / "train-000003.tar.json", "{}")
     (temporary,) = seen
     assert fileio.TEMPORARY_NAME.fullmatch(temporary).group(1) == "train-000003.tar.json"
+
+
+def test_prompts_only_stores_no_answer_feeds_stage_2_and_is_refused_by_the_supervised_loaders(tmp_path, tokenizer):
+    """``--prompts-only``: records may end with a question; a trailing answer is cut before anything is written
+    (it is in no tar); the manifest says ``prompts``; stage 2's prompt loader reads the folder and the supervised
+    loaders refuse it with a message that says what it is for."""
+    from kd_pipeline.config import DataConfig
+    from kd_pipeline.data import build_prompt_loader, build_train_loader
+    from kd_pipeline.data.manifest import ManifestError
+
+    images = tmp_path / "images"
+    records = []
+    for index in range(8):
+        write_image(images / f"im{index}.png", size=(8, 8), seed=index)
+        if index % 2:  # a labelled record: its answer must not reach the shards
+            records.append(record("<image>\nWhat is it?", f"SECRET{index}", f"im{index}.png", f"id.{index}"))
+        else:  # a bare prompt
+            records.append({"id": f"id.{index}", "image": f"im{index}.png",
+                            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]})
+    instruct = tmp_path / "prompts.json"
+    instruct.write_text(json.dumps(records))
+    assert run_shard(instruct, images, tmp_path / "labelled", "--workers", "1") == 0
+    assert json.loads((tmp_path / "labelled" / "rejects.jsonl").read_text().splitlines()[0])["detail"].endswith(
+        "(shard prompts for stage 2 with --prompts-only)")
+    out = tmp_path / "prompts"
+    assert run_shard(instruct, images, out, "--workers", "1", "--prompts-only", "--val-fraction", "0") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "prompts" and manifest["totals"]["written"] == 8
+    stored = b"".join(payload for tar in sorted(out.glob("*.tar")) for _, payload in read_tar(tar))
+    assert b"What is it?" in stored and b"SECRET" not in stored and b'"gpt"' not in stored
+    from data_prep import verify
+    assert verify.main([str(out)]) == 0
+
+    data = DataConfig(shards=str(out), num_workers=0, shuffle_buffer=4)
+    loader_args = dict(tokenizer=tokenizer, image_size=28, num_image_tokens=4, micro_batch_size=4, rank=0,
+                       world_size=1, seed=0)
+    batches = list(itertools.islice(iter(build_prompt_loader(data, **loader_args)), 2))
+    assert sum(len(batch["keys"]) for batch in batches) == 8
+    with pytest.raises(ManifestError, match=r"prompts without answers .*use this folder as stage 2's data\.shards"):
+        build_train_loader(data, **loader_args)
