@@ -18,6 +18,9 @@
     # per-token teacher-student agreement on held-out answers (kd_pipeline/eval/agreement.py)
     python -m kd_pipeline.eval agreement --teacher DIR --student DIR --data DIR [--json]
 
+    # a model's greedy answers to prompts as instruction records: sequence-level KD (kd_pipeline/eval/label.py)
+    python -m kd_pipeline.eval label --model DIR --instruct prompts.json --images DIR --out labelled.json
+
 Exit status: 0 on success, 2 on bad input (the message names the file or field and what to do).
 """
 
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("agreement", add_help=False,
                         help="teacher-student agreement on held-out answers: NLL, KL(p_T||p_S), top-1 "
                              "(kd_pipeline/eval/agreement.py; arguments pass through)")
+    commands.add_parser("label", add_help=False,
+                        help="a model's greedy answers to prompts written as instruction records (sequence-level "
+                             "KD; kd_pipeline/eval/label.py; arguments pass through)")
     return parser
 
 
@@ -142,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kd_pipeline.eval.agreement import main as agreement_main
 
         return agreement_main(argv[1:])
+    if argv and argv[0] == "label":
+        from kd_pipeline.eval.label import main as label_main
+
+        return label_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "score":

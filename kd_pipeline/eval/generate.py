@@ -168,10 +168,23 @@ def generate_answers(eval_model: EvalModel, prompts: Sequence[str], pixel_values
     tokenizer = eval_model.tokenizer
     sequences = [encode_question(prompt, tokenizer, eval_model.image_token_id, eval_model.num_image_tokens)
                  for prompt in prompts]
+    return generate_from_ids(eval_model, sequences, pixel_values, max_new_tokens)
+
+
+@torch.inference_mode()
+def generate_from_ids(eval_model: EvalModel, sequences: Sequence[Sequence[int]], pixel_values: torch.Tensor,
+                      max_new_tokens: int = MAX_NEW_TOKENS, suppress_token_ids: Sequence[int] = ()) -> list[str]:
+    """Greedy answers to already tokenized prompts (image blocks expanded), one image each, in one left-padded
+    batch (``eval label`` renders whole conversations with the training template and comes in here, suppressing
+    the ``<image>`` id: an answer holding it could not be trained on)."""
+    tokenizer = eval_model.tokenizer
+    generation_config = greedy_generation_config(tokenizer, max_new_tokens)
+    if suppress_token_ids:
+        generation_config.suppress_tokens = list(suppress_token_ids)
     input_ids, attention_mask = left_pad(sequences)  # (B, T), (B, T)
     output_ids = eval_model.model.generate(
         input_ids=input_ids.to(eval_model.device), attention_mask=attention_mask.to(eval_model.device),
         pixel_values=pixel_values.to(eval_model.device, eval_model.dtype),
-        generation_config=greedy_generation_config(tokenizer, max_new_tokens))  # (B, T + N)
+        generation_config=generation_config)  # (B, T + N)
     new_ids = output_ids[:, input_ids.shape[1]:].tolist()  # (B, N): generate returns prompt + new tokens
     return [decode_answer(row, tokenizer, tokenizer.eos_token_id) for row in new_ids]
