@@ -147,14 +147,30 @@ def forced_choice(eval_model, questions: Sequence[str], pixel_values: torch.Tens
     if len(questions) != pixel_values.shape[0] or len(questions) != len(candidates):
         raise ValueError(f"{len(questions)} questions, {pixel_values.shape[0]} images, {len(candidates)} candidate "
                          "lists: give one of each per question")
+    # Tokenizing is a third of the time when every question carries the same prompt (scene classification): each
+    # distinct prompt and (prompt, candidate) pair is tokenized once per call.
+    prompt_cache: dict[str, list[int]] = {}
+    answer_cache: dict[tuple[str, str], list[int]] = {}
+
+    def prompt_of(question: str) -> list[int]:
+        if question not in prompt_cache:
+            prompt_cache[question] = encode_question(question, eval_model.tokenizer, eval_model.image_token_id,
+                                                     eval_model.num_image_tokens)
+        return prompt_cache[question]
+
+    def answer_of(question: str, option: str) -> list[int]:
+        if (question, option) not in answer_cache:
+            answer_cache[question, option] = candidate_tokens(question, option, prompt_of(question),
+                                                              eval_model.tokenizer, eval_model.image_token_id,
+                                                              eval_model.num_image_tokens)
+        return answer_cache[question, option]
+
     choices = []
     for start in range(0, len(questions), batch_questions):
         chunk = slice(start, start + batch_questions)
-        prompts = [encode_question(question, eval_model.tokenizer, eval_model.image_token_id,
-                                   eval_model.num_image_tokens) for question in questions[chunk]]
-        answers = [[candidate_tokens(question, option, prompt, eval_model.tokenizer, eval_model.image_token_id,
-                                     eval_model.num_image_tokens) for option in options]
-                   for question, prompt, options in zip(questions[chunk], prompts, candidates[chunk])]
+        prompts = [prompt_of(question) for question in questions[chunk]]
+        answers = [[answer_of(question, option) for option in options]
+                   for question, options in zip(questions[chunk], candidates[chunk])]
         images = pixel_values[chunk].to(eval_model.device, eval_model.dtype)
         for options, scores in zip(candidates[chunk], prefix_cached_logprobs(eval_model.model, prompts, images,
                                                                             answers)):
