@@ -2,19 +2,23 @@
 
 Runbook::
 
-    make repro                                    # 5 seeds x 3 conditions at the CPU scale -> bench/results/repro_cpu.json
-    python -m kd_pipeline.repro --out repro_out --seeds 5 --jobs 2 --results bench/results/repro_cpu.json
+    make repro                                    # design 2: 5 seeds x 3 conditions -> bench/results/repro_cpu.json
+    python -m kd_pipeline.repro --out repro_out --jobs 2 --results bench/results/repro_cpu.json
     python -m kd_pipeline.repro --out /tmp/r --quick   # minutes: the machinery at toy sizes (the test suite's)
+    python -m kd_pipeline.repro --out d --seed-list 0 --conditions unlabelled --arms E,F   # a subset (+ what it needs)
     python -m kd_pipeline.repro --out repro_out --report-only     # re-collect the table from what has run
 
 An interrupted run continues where it stopped: run the same command again (completed tasks are skipped, a cut
 training run resumes from its checkpoint). The experiment's design and pass rule are in kd_pipeline/repro/design.py
-and were fixed before any number was seen; the output states plainly whether the rule held.
+and were fixed before any number was seen; the output states plainly whether the rule held. ``--out`` records the
+design version and scale it was started with (``<out>/design.json``): a folder or a ``--results`` file written by
+another version or scale is refused, so no JSON ever mixes the results of two designs.
 
 Output: ``--results`` (JSON: the design, per seed / condition / arm / metric the value and its standard error, the
 image-free baselines, the paired differences with p-values, the world checks, timings and the verdict);
 ``<out>/report.md`` (the tables) and ``<out>/paired_differences.png``.
-Exit status: 0 when every task ran (whatever the verdict), 1 when a task failed (its log is named), 2 bad input.
+Exit status: 0 when every task ran (whatever the verdict), 1 when a task failed (its log is named), 2 bad input
+(an unknown condition or arm, a folder or results file of another design or scale: one line on stderr).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pathlib import Path
 
 from kd_pipeline.repro import design, report
 from kd_pipeline.repro.runner import Runner, TaskFailed
-from kd_pipeline.repro.tasks import SeedPaths, SeedTasks, WORLD_OF, eval_of
+from kd_pipeline.repro.tasks import WORLD_OF, SeedPaths, SeedTasks, with_dependencies
+
+DESIGN_RECORD = "design.json"
 
 log = logging.getLogger("kd_pipeline.repro")
 
@@ -39,10 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kd_pipeline.repro", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", type=Path, default=Path("repro_out"), help="working folder (re-used to continue)")
-    parser.add_argument("--seeds", type=int, default=len(design.DEFAULT_SEEDS), help="number of seeds 0..n-1 (5)")
+    parser.add_argument("--seeds", type=int, default=len(design.DEFAULT_SEEDS),
+                        help=f"number of the design's seeds {design.DEFAULT_SEEDS} to run, from the first (5)")
     parser.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
     parser.add_argument("--conditions", default=",".join(design.CONDITIONS),
                         help=f"comma-separated subset of {','.join(design.CONDITIONS)}")
+    parser.add_argument("--arms", default=",".join(design.ARMS),
+                        help=f"comma-separated subset of {','.join(design.ARMS)} (the arms they start from are "
+                             "trained too; each condition runs the ones it has)")
     parser.add_argument("--scale", choices=sorted(design.SCALES), default="cpu", help="cpu (the experiment) or quick")
     parser.add_argument("--quick", action="store_true", help="same as --scale quick")
     parser.add_argument("--jobs", type=int, default=2, help="tasks run at once (one CPU process each; default 2)")
@@ -51,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def collect(out: Path, seeds: list[int], conditions: tuple[str, ...]) -> dict:
+def collect(out: Path, seeds: list[int], conditions: tuple[str, ...], arms: tuple[str, ...]) -> dict:
     """{seed: {condition: {arm | teacher | image_free: {metric: {value, se}}}}} from the evaluation files that
     exist (a seed with a missing file is left out of the summary and listed under "incomplete")."""
     per_seed: dict[str, dict] = {}
@@ -59,8 +69,8 @@ def collect(out: Path, seeds: list[int], conditions: tuple[str, ...]) -> dict:
         paths = SeedPaths(out / f"seed{seed}")
         entry: dict[str, dict] = {}
         for condition in conditions:
-            files = {arm: eval_of(paths, condition, arm, conditions) for arm in design.ARMS}
-            files["teacher"] = paths.eval(WORLD_OF[condition], "teacher")
+            files = {arm: paths.eval(condition, arm) for arm in design.condition_arms(condition) if arm in arms}
+            files["teacher"] = paths.teacher_eval(WORLD_OF[condition])
             files["image_free"] = paths.eval(condition, "image_free")
             if not all(path.is_file() for path in files.values()):
                 break
@@ -86,32 +96,70 @@ def timings(runner: Runner, seeds: list[int]) -> dict:
     return by_seed
 
 
+def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"--{what} {text!r}: unknown {', '.join(unknown) or '(none given)'}; known: "
+                         f"{', '.join(known)}")
+    return names
+
+
+def check_design_record(out: Path, results_path: Path, record: dict) -> None:
+    """Refuse an output folder or results file of another design version or scale (ValueError, one line)."""
+    marker = out / DESIGN_RECORD
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if (found.get("version"), found.get("scale")) != (record["version"], record["scale"]):
+            raise ValueError(f"{out} holds a run of design {found.get('version')} at the {found.get('scale')!r} scale; "
+                             f"this is design {record['version']} at {record['scale']!r}: choose another --out")
+    if results_path.is_file():
+        try:
+            found = json.loads(results_path.read_text()).get("design", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"--results {results_path} is not a results JSON: choose another --results") from None
+        if (found.get("version"), found.get("scale")) != (record["version"], record["scale"]):
+            raise ValueError(f"--results {results_path} holds design {found.get('version')} at the "
+                             f"{found.get('scale')!r} scale; this is design {record['version']} at "
+                             f"{record['scale']!r}: move that file or choose another --results")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     scale_name = "quick" if args.quick else args.scale
     scale = design.SCALES[scale_name]
-    conditions = tuple(name.strip() for name in args.conditions.split(",") if name.strip())
-    unknown = [name for name in conditions if name not in design.CONDITIONS]
-    if unknown or not conditions or args.seeds < 1 or args.jobs < 1:
-        print(f"error: --conditions {args.conditions!r} (known: {', '.join(design.CONDITIONS)}), --seeds {args.seeds} "
-              f"and --jobs {args.jobs} must name known conditions and be at least 1", file=sys.stderr)
-        return 2
     out = args.out.resolve()
+    results_path = args.results or out / "results.json"
     try:
-        seeds = [int(seed) for seed in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
-    except ValueError:
-        print(f"error: --seed-list {args.seed_list!r} must be comma-separated integers", file=sys.stderr)
+        conditions = _names(args.conditions, design.CONDITIONS, "conditions")
+        arms = with_dependencies(_names(args.arms, design.ARMS, "arms"))
+        if args.seeds < 1 or args.jobs < 1:
+            raise ValueError(f"--seeds {args.seeds} and --jobs {args.jobs} must be at least 1")
+        try:
+            seeds = ([int(seed) for seed in args.seed_list.split(",")] if args.seed_list
+                     else list(design.DEFAULT_SEEDS[:args.seeds]))
+        except ValueError:
+            raise ValueError(f"--seed-list {args.seed_list!r} must be comma-separated integers") from None
+        if args.seeds > len(design.DEFAULT_SEEDS) and not args.seed_list:
+            raise ValueError(f"--seeds {args.seeds}: the design registers {len(design.DEFAULT_SEEDS)} seeds "
+                             f"{design.DEFAULT_SEEDS}; give others with --seed-list")
+        record = {"version": design.DESIGN_VERSION, "scale": scale_name}
+        check_design_record(out, results_path, record)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DESIGN_RECORD).write_text(json.dumps(record))
     runner = Runner(state_dir=out / "state", log_dir=out / "logs", jobs=args.jobs,
                     env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))})
-    tasks = [task for seed in seeds for task in SeedTasks(runner, scale, seed, out, conditions).build()]
+    tasks = [task for seed in seeds for task in SeedTasks(runner, scale, seed, out, conditions, arms).build()]
     started = time.time()
-    results_path = args.results or out / "results.json"
 
     def write(final: bool) -> dict | None:
-        """Collect every complete seed into the results JSON (after each seed's evaluations, and at the end)."""
-        payload = results_payload(out, seeds, conditions, scale_name, scale, runner, args.jobs, started)
+        """Collect every complete seed into the results JSON (after each evaluation, and at the end)."""
+        payload = results_payload(out, seeds, conditions, arms, scale_name, scale, runner, args.jobs, started)
         report.write_results(results_path, payload)
         if final and "summary" in payload:
             text = report.markdown(payload["summary"])
@@ -121,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return payload
 
     def after_task(task) -> None:
-        if task.name.endswith(".eval"):
+        if ".eval" in task.name:
             write(final=False)
 
     status = 0
@@ -138,23 +186,39 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def results_payload(out: Path, seeds: list[int], conditions: tuple[str, ...], scale_name: str, scale,
-                    runner: Runner, jobs: int, started: float) -> dict:
-    per_seed = collect(out, seeds, conditions)
+def results_payload(out: Path, seeds: list[int], conditions: tuple[str, ...], arms: tuple[str, ...],
+                    scale_name: str, scale, runner: Runner, jobs: int, started: float) -> dict:
+    per_seed = collect(out, seeds, conditions, arms)
     payload = {"design": {"version": design.DESIGN_VERSION, "scale": scale_name,
-                          "scale_values": dataclasses.asdict(scale), "conditions": conditions,
-                          "arms": design.ARMS, "comparisons": design.COMPARISONS,
+                          "scale_values": dataclasses.asdict(scale), "seeds": seeds, "conditions": conditions,
+                          "arms": {condition: [arm for arm in design.condition_arms(condition) if arm in arms]
+                                   for condition in conditions},
+                          "comparisons": {condition: design.condition_comparisons(condition)
+                                          for condition in conditions},
                           "primary_metric": design.PRIMARY_METRIC, "alpha": design.ALPHA,
                           "pass_rule": design.pass_rule_text(),
                           "recipes": {"stage1_lr": design.STAGE1_LR, "kd_alpha": design.KD_ALPHA,
-                                      "kd_temperature": design.KD_TEMPERATURE, "align_weight": design.ALIGN_WEIGHT,
-                                      "stage2_lr": design.STAGE2_LR}},
+                                      "kd_temperature": design.KD_TEMPERATURE,
+                                      "stage1_align_weight": 0.0,
+                                      "stage1_align_weight_ablation": design.STAGE1_ALIGN_WEIGHT_ABLATION,
+                                      "stage2_align_weight": design.STAGE2_ALIGN_WEIGHT,
+                                      "stage2_lr": scale.stage2_lr, "stage2_steps": scale.stage2_steps,
+                                      "labelled_share": scale.labelled_share}},
+               "pilot": pilot_choice(),
                "per_seed": per_seed, "incomplete_seeds": [seed for seed in seeds if str(seed) not in per_seed],
                "timings": timings(runner, seeds), "wall_seconds_this_invocation": time.time() - started,
                "machine": {"cpus": os.cpu_count(), "jobs": jobs}}
     if per_seed:
         payload["summary"] = report.summarise(per_seed, conditions)
     return payload
+
+
+def pilot_choice() -> dict | None:
+    """The pilot's committed choice (bench/results/repro_pilot_cpu.json), carried into every results JSON."""
+    from kd_pipeline.repro.runner import ROOT
+
+    path = ROOT / "bench" / "results" / "repro_pilot_cpu.json"
+    return json.loads(path.read_text()).get("choice") if path.is_file() else None
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@
 
 Models are evaluated one after another in one process (start-up is paid once) and each result is written to
 ``EVAL_DIR/<NAME>.json`` atomically as soon as it is done; a model whose file exists is skipped, so an interrupted
-evaluation continues. Per task of a ``data_prep bench`` folder (aid = scene, lrben = VQA, region_captioning,
-referring):
-- scene and VQA twice: forced choice (``eval.likelihood``; the closed set is every ground-truth answer of the task,
-  per question type for VQA) and greedy generation (``eval.generate``), each scored by the project's scorers;
-- region captions and grounding by greedy generation;
+evaluation continues. Per task of a ``data_prep bench`` folder (aid = scene, lrben = VQA, region_captioning;
+referring with ``--greedy-tasks``):
+- scene and VQA by forced choice (``eval.likelihood``; the closed set is every ground-truth answer of the task, per
+  question type for VQA), scored by the project's scorers; ``--greedy-tasks aid,lrben`` adds greedy generation (in
+  design 1 greedy equalled forced choice within 0.1 point for every arm, so design 2 leaves it out);
+- region captions by greedy generation (``eval.generate``);
 - with ``--teacher``, ``eval.agreement`` (student NLL, KL(p_T||p_S), top-1 agreement) on the first
-  ``--agreement-questions`` answers of scene, VQA and captions (not for the teacher itself).
+  ``--agreement-questions`` answers of scene and VQA (not for the teacher itself).
 Every number carries its standard error (``eval.uncertainty``).
 """
 
@@ -42,7 +43,7 @@ logger = logging.getLogger("kd_pipeline.repro.evaluate")
 
 BATCH = 64
 SHORT_ANSWER_TOKENS = 8  # greedy length for scene and VQA answers (a class name, Yes/No, a count)
-AGREEMENT_TASKS = ("aid", "lrben", "region_captioning")
+AGREEMENT_TASKS = ("aid", "lrben")
 EFFICIENCY_TEXT_TOKENS = 64  # Table 8's input: one image + 64 text tokens
 
 
@@ -72,28 +73,26 @@ def answer_all(eval_model, questions: Sequence[dict], image_dir: Path, max_new_t
 
 
 def evaluate(model, bench: dict[str, list[dict]], image_dir: Path, teacher, agreement_questions: int,
-             max_new_tokens: int) -> dict:
-    """Every metric of one loaded model (``teacher`` loaded too, or None for no agreement)."""
+             max_new_tokens: int, greedy_tasks: Sequence[str] = ()) -> dict:
+    """Every metric of one loaded model (``teacher`` loaded too, or None for no agreement); ``greedy_tasks`` of aid,
+    lrben and referring are also answered by greedy generation."""
     from kd_pipeline.eval.efficiency import efficiency_metrics
 
     table8 = efficiency_metrics(model.model, model.model.config, EFFICIENCY_TEXT_TOKENS)
     results: dict[str, Any] = {"efficiency": {key: table8[key] for key in ("params_paper", "params_total",
                                                                           "flops_forward_matmul")}}
     with torch.inference_mode():
-        if "aid" in bench:
-            questions = bench["aid"]
-            results["aid"] = {
-                "fc": score_scene(answer_all(model, questions, image_dir, 0, candidate_sets(questions, False))),
-                "greedy": score_scene(answer_all(model, questions, image_dir, SHORT_ANSWER_TOKENS))}
-        if "lrben" in bench:
-            questions = bench["lrben"]
-            results["lrben"] = {
-                "fc": score_vqa(answer_all(model, questions, image_dir, 0, candidate_sets(questions, True))),
-                "greedy": score_vqa(answer_all(model, questions, image_dir, SHORT_ANSWER_TOKENS))}
+        for task, scorer, by_type in (("aid", score_scene, False), ("lrben", score_vqa, True)):
+            if task in bench:
+                questions = bench[task]
+                results[task] = {"fc": scorer(answer_all(model, questions, image_dir, 0,
+                                                         candidate_sets(questions, by_type)))}
+                if task in greedy_tasks:
+                    results[task]["greedy"] = scorer(answer_all(model, questions, image_dir, SHORT_ANSWER_TOKENS))
         if "region_captioning" in bench:
             records = answer_all(model, bench["region_captioning"], image_dir, max_new_tokens)
             results["region_captioning"] = score_region_captioning(records, meteor="off")
-        if "referring" in bench:
+        if "referring" in bench and "referring" in greedy_tasks:
             results["referring"] = score_referring(answer_all(model, bench["referring"], image_dir, max_new_tokens))
         if teacher is not None:
             results["agreement"] = {task: task_agreement(teacher, model, bench[task][:agreement_questions], image_dir,
@@ -116,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=None, help="teacher folder for eval agreement")
     parser.add_argument("--agreement-questions", type=int, default=300, help="answers per task for agreement")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy length of captions and boxes")
+    parser.add_argument("--greedy-tasks", default="", help="comma-separated aid, lrben, referring: also answered by "
+                                                          "greedy generation (default: none)")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     models = dict(spec.split("=", 1) for spec in options.model if "=" in spec)
@@ -140,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_eval_model(Path(folder), device, dtype)
         same = options.teacher is not None and Path(folder).resolve() == options.teacher.resolve()
         write_json(out, evaluate(model, bench, options.bench / "images", None if same else teacher,
-                                 options.agreement_questions, options.max_new_tokens))
+                                 options.agreement_questions, options.max_new_tokens,
+                                 tuple(filter(None, options.greedy_tasks.split(",")))))
         free_eval_model(model)
         logger.info("%s evaluated: %s", name, out)
     return 0

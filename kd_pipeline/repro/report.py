@@ -3,14 +3,13 @@
 Metrics read from each arm's evaluation (``repro.evaluate``), each with its within-seed standard error:
 
     scene_fc         scene accuracy by forced choice (the primary metric)     aid.fc.oa
-    scene_greedy     scene accuracy by greedy generation                     aid.greedy.oa
-    vqa_fc, vqa_greedy   VQA mOA (mean of the four type accuracies)           lrben.{fc,greedy}.moa
+    vqa_fc           VQA mOA by forced choice (mean of the type accuracies)   lrben.fc.moa
     caption_rougeL   region-caption ROUGE-L F1 (greedy)                      region_captioning.rougeL
-    grounding_miou, grounding_acc50   mean IoU and acc@0.5 (greedy)          referring
-    kl_scene, kl_vqa_decision, kl_caption_decision, top1_scene_decision, nll_scene   (eval agreement)
+    kl_scene, kl_vqa_decision, top1_scene_decision, nll_scene   (eval agreement)
+    scene_greedy, vqa_greedy, grounding_miou, grounding_acc50   only when evaluated (``--greedy-tasks``; design 1)
 
 Across seeds a table shows the mean of each arm and the standard error of that mean over seeds; the paired
-differences carry their own tests (``stats``).
+differences carry their own tests (``stats``), and the verdict applies ``design.pass_rule_text``.
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "grounding_acc50": (("referring", "acc@0.5"), "acc@0.5_se"),
     "kl_scene": (("agreement", "aid", "all", "kl"), "kl_se"),
     "kl_vqa_decision": (("agreement", "lrben", "decision", "kl"), "kl_se"),
-    "kl_caption_decision": (("agreement", "region_captioning", "decision", "kl"), "kl_se"),
     "top1_scene_decision": (("agreement", "aid", "decision", "top1"), "top1_se"),
     "nll_scene": (("agreement", "aid", "all", "nll"), "nll_se"),
 }
+"""Every metric an evaluation file may hold (design 2 writes no greedy scene/VQA and no grounding: ``evaluate``)."""
 HEADLINE = ("scene_fc", "vqa_fc", "caption_rougeL")  # the world must leave >= 15 points between baseline and teacher
 IMAGE_FREE = {"scene_fc": ("aid", "oa", "oa_se"), "scene_greedy": ("aid", "oa", "oa_se"),
               "vqa_fc": ("lrben", "moa", "moa_se"), "vqa_greedy": ("lrben", "moa", "moa_se"),
@@ -44,8 +43,8 @@ IMAGE_FREE = {"scene_fc": ("aid", "oa", "oa_se"), "scene_greedy": ("aid", "oa", 
               "grounding_miou": ("referring", "mean_iou", "mean_iou_se"),
               "grounding_acc50": ("referring", "acc@0.5", "acc@0.5_se")}
 MIN_GAP = 0.15
-TABLE_METRICS = ("scene_fc", "scene_greedy", "vqa_fc", "vqa_greedy", "caption_rougeL", "grounding_miou", "grounding_acc50",
-                 "kl_scene")
+TABLE_METRICS = ("scene_fc", "vqa_fc", "caption_rougeL", "kl_scene", "top1_scene_decision")
+DIFFERENCE_METRICS = (design.PRIMARY_METRIC, "vqa_fc", "caption_rougeL", design.KL_METRIC)
 
 
 def extract(evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -82,11 +81,12 @@ def across_seeds(values: Sequence[float], within_ses: Sequence[float | None] = (
 
 def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditions: Sequence[str]) -> dict:
     """From {seed: {condition: {arm (+ teacher, image_free): {metric: {value, se}}}}} to the summary: per
-    condition the arms' means over seeds, the paired comparisons per metric, the world checks and the verdict."""
+    condition the arms' means over seeds, the paired comparisons per metric, the world checks, the verdict and (in
+    ``unlabelled``) the recovered share."""
     seeds = sorted(per_seed, key=int)
     summary: dict[str, Any] = {"conditions": {}}
     for condition in conditions:
-        rows = [arm for arm in ("teacher", "image_free", *design.ARMS)
+        rows = [arm for arm in ("teacher", "image_free", *design.condition_arms(condition))
                 if all(arm in per_seed[seed].get(condition, {}) for seed in seeds)]
         means = {arm: {metric: across_seeds([per_seed[seed][condition][arm][metric]["value"] for seed in seeds],
                                             [per_seed[seed][condition][arm][metric]["se"] for seed in seeds])
@@ -96,7 +96,7 @@ def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditio
         for metric in METRICS:
             arm_values = {arm: [per_seed[seed][condition][arm][metric]["value"] for seed in seeds]
                           for arm in design.ARMS if arm in rows and metric in means[arm]}
-            tests[metric] = stats.comparisons(arm_values)
+            tests[metric] = stats.comparisons(arm_values, design.condition_comparisons(condition))
         checks = {}
         for metric in HEADLINE:
             if metric in means.get("teacher", {}) and metric in means.get("image_free", {}):
@@ -107,9 +107,15 @@ def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditio
             if metric in means.get("teacher", {}) and metric in means.get("A", {}):
                 checks.setdefault(metric, {})["teacher_minus_A"] = (means["teacher"][metric]["mean"]
                                                                     - means["A"][metric]["mean"])
-        verdict = stats.condition_verdict(tests.get(design.PRIMARY_METRIC, {}), tests.get("kl_scene", {}))
+        verdict = stats.condition_verdict(tests.get(design.PRIMARY_METRIC, {}), tests.get(design.KL_METRIC, {}))
         summary["conditions"][condition] = {"means": means, "comparisons": tests, "world_checks": checks,
                                             "verdict": verdict}
+        numerator, denominator, share_condition = design.RECOVERED_SHARE
+        primary = tests.get(design.PRIMARY_METRIC, {})
+        if condition == share_condition and numerator in primary and denominator in primary:
+            share = stats.fieller_ratio(primary[numerator]["differences"], primary[denominator]["differences"])
+            share["goal"] = design.RECOVERED_SHARE_GOAL
+            summary["conditions"][condition]["recovered_share"] = share
     summary["verdict"] = stats.overall_verdict({name: entry["verdict"]
                                                 for name, entry in summary["conditions"].items()})
     # The rule was registered for len(DEFAULT_SEEDS) seeds: with fewer complete the verdict is provisional.
@@ -129,12 +135,45 @@ def _cell(metric: str, mean: float, se: float | None) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}" if se is not None else f"{scale * mean:.{digits}f}"
 
 
+def _difference_cell(metric: str, test: Mapping[str, Any], comparison: str, means: Mapping[str, Any]) -> str:
+    """mean ± SE (p) of a paired difference; with one seed the SE is that of the two arms' question-level SEs
+    combined as if independent (conservative: the arms answer the same questions) and there is no p."""
+    treatment, control = design.COMPARISONS[comparison]
+    se = test["se"]
+    if se is None and test["n"] == 1:
+        parts = [means[arm][metric]["se_within_seed"] for arm in (treatment, control)]
+        se = math.sqrt(sum(part * part for part in parts)) if None not in parts else None
+    p_value = test["p_two_sided"] if comparison == design.NEGATIVE else test["p_one_sided"]
+    return f"{_cell(metric, test['mean'], se)} (p={f'{p_value:.3f}' if p_value is not None else '–'})"
+
+
+def _verdict_line(verdict: Mapping[str, Any]) -> str:
+    tests = "; ".join(f"{name}: Holm p = {test['p_holm']:.3f}" if test["p_holm"] is not None else f"{name}: no p"
+                      for name, test in verdict["tests"].items())
+    kl = "; ".join(f"KL below its control's for {name.split('-')[0]} = {test['kl_below_control']}"
+                   for name, test in verdict["tests"].items())
+    return (f"Verdict: harness sensitive = {verdict['harness_sensitive']}; {tests}; {kl}; distillation works = "
+            f"{verdict['distillation_works']}" + (f" (by {', '.join(verdict['works_by'])})" if verdict["works_by"]
+                                                  else "") + ".")
+
+
+def _share_line(share: Mapping[str, Any]) -> str:
+    if share["ratio"] is None:
+        return "Recovered share (E-F)/(Pc-C): undefined (Pc-C is 0)."
+    interval = (f"{share['level']:.0%} Fieller interval {100 * share['low']:.0f} % to {100 * share['high']:.0f} %"
+                if share["bounded"] else f"{share['level']:.0%} Fieller interval unbounded (Pc-C not resolved)")
+    return (f"Recovered share of the labels' gain, (E-F)/(Pc-C): {100 * share['ratio']:.0f} % ({interval}; goal "
+            f">= {100 * share['goal']:.0f} %).")
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
-    """Per condition: arms x metrics (mean ± SE over seeds, % except KL), then the paired differences."""
-    spread = ("mean over seeds ± standard error over seeds" if len(summary["seeds"]) > 1 else
-              "the value ± its standard error over the questions (binomial, or per question for ROUGE, IoU and KL)")
+    """Per condition: arms x metrics (mean ± SE over seeds, % except KL), the paired differences, the verdict."""
+    one_seed = len(summary["seeds"]) == 1
+    spread = ("the value ± its standard error over the questions (binomial, or per question for ROUGE and KL); "
+              "differences ± the two arms' standard errors combined, with no p-value (one seed)" if one_seed else
+              "mean over seeds ± standard error over seeds")
     lines = [f"Seeds: {', '.join(summary['seeds'])}. Values: {spread} (percent; KL in nats per token). Paired tests "
-             "over seeds: one-sided t (df = seeds - 1; N-A two-sided) and exact sign-flip p.", ""]
+             f"over seeds: one-sided t (df = seeds - 1; {design.NEGATIVE} two-sided).", ""]
     for condition, entry in summary["conditions"].items():
         lines += [f"### Condition `{condition}`", "",
                   "| arm | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]
@@ -143,31 +182,20 @@ def markdown(summary: Mapping[str, Any]) -> str:
                            if metrics[metric]["se_over_seeds"] is not None else metrics[metric]["se_within_seed"])
                      if metric in metrics else "–" for metric in TABLE_METRICS]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "| difference | " + " | ".join(f"{m} (p)" for m in (design.PRIMARY_METRIC, "vqa_fc",
-                                                                             "caption_rougeL", "kl_scene")) + " |",
-                  "|---|" + "---:|" * 4]
-        for comparison in design.COMPARISONS:
-            cells = []
-            for metric in (design.PRIMARY_METRIC, "vqa_fc", "caption_rougeL", "kl_scene"):
-                test = entry["comparisons"].get(metric, {}).get(comparison)
-                if test is None:
-                    cells.append("–")
-                    continue
-                p_value = test["p_one_sided"] if comparison != "N-A" else test["p_two_sided"]
-                p_text = f"p={p_value:.3f}" if p_value is not None else "p=–"
-                cells.append(f"{_cell(metric, test['mean'], test['se'])} ({p_text})")
-            lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
-        verdict = entry["verdict"]
+        lines += ["", "| difference | " + " | ".join(f"{metric} (p)" for metric in DIFFERENCE_METRICS) + " |",
+                  "|---|" + "---:|" * len(DIFFERENCE_METRICS)]
+        for comparison in design.condition_comparisons(condition):
+            cells = [_difference_cell(metric, test, comparison, entry["means"])
+                     if (test := entry["comparisons"].get(metric, {}).get(comparison)) is not None else "–"
+                     for metric in DIFFERENCE_METRICS]
+            if any(cell != "–" for cell in cells):
+                lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
         checks = ", ".join(f"{metric}: teacher - image-free = {100 * check['gap']:.1f} points"
                            for metric, check in entry["world_checks"].items() if "gap" in check)
-        floor = entry["means"].get("image_free", {})
-        if "grounding_acc50" in floor:  # grounding is not a headline task at 56 px: its image-free floor is stated
-            checks += (f"; grounding floor (image-free phrase lookup): acc@0.5 "
-                       f"{100 * floor['grounding_acc50']['mean']:.1f}, mean IoU {100 * floor['grounding_miou']['mean']:.1f}")
-        lines += ["", f"World: {checks}.", f"Verdict: harness sensitive = {verdict['harness_sensitive']}; "
-                  f"D-C significant = {verdict['d_minus_c_significant']}; KL(D) < KL(C) = {verdict['kl_d_below_c']}; "
-                  f"distillation works = {verdict['distillation_works']}; E-F significant = "
-                  f"{verdict['e_minus_f_significant']}.", ""]
+        lines += ["", f"World: {checks}.", _verdict_line(entry["verdict"])]
+        if "recovered_share" in entry:
+            lines.append(_share_line(entry["recovered_share"]))
+        lines.append("")
     overall = summary["verdict"]
     if not overall["final"]:
         lines.append(f"**Interim: {len(summary['seeds'])} of the {overall['seeds_planned']} pre-registered seeds are "
@@ -186,10 +214,12 @@ def plot(summary: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conditions = list(summary["conditions"])
-    comparisons = list(design.COMPARISONS)
+    comparisons = [name for name in design.COMPARISONS
+                   if any(name in entry["comparisons"].get(design.PRIMARY_METRIC, {})
+                          for entry in summary["conditions"].values())]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, metric, scale, label in ((axes[0], design.PRIMARY_METRIC, 100.0, "scene accuracy, forced choice (points)"),
-                                       (axes[1], "kl_scene", 1.0, "KL(p_T || p_S), scene answers (nats/token)")):
+                                       (axes[1], design.KL_METRIC, 1.0, "KL(p_T || p_S), scene answers (nats/token)")):
         width = 0.8 / max(len(conditions), 1)
         for index, condition in enumerate(conditions):
             tests = summary["conditions"][condition]["comparisons"].get(metric, {})
