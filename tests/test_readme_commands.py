@@ -51,7 +51,7 @@ PLACEHOLDERS = {"GeoChat_Instruct.json": "world/instruct.json", "AID_IMAGES": "w
                 "corpus.txt": "world/pt_corpus.txt", "--out world --num 2000": "--out world_2 --num 200",
                 # The experiment's world at toy sizes: the same options, seconds instead of a minute.
                 "--num 4000": "--num 300",
-                "scene=1000,vqa=999,region_captioning=500,referring=200": "scene=40,vqa=30,region_captioning=20,referring=10"}
+                "scene=1000,vqa=999,region_captioning=500,referring=50": "scene=40,vqa=30,region_captioning=20,referring=10"}
 
 
 def readme_commands() -> list[str]:

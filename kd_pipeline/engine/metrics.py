@@ -66,7 +66,7 @@ METRICS: dict[str, Metric] = {
                        "exact reverse KL per token of student-only answers (minillm)"),
     "val_ce": Metric("val", SUPERVISED, "cross-entropy per supervised val token"),
     "val_kd": Metric("val", "kd_sft", "tau^2 KL(p_T ‖ p_S) per supervised val token"),
-    "val_align": Metric("val", "kd_sft", "feature alignment per image token on the val split"),
+    "val_align": Metric("val", "kd_sft", "feature alignment (the mean squared error of `align`) on the val split"),
     "val_rev_kl_seq": Metric("val", "minillm", "reverse KL summed per student-only answer, averaged over answers"),
     "val_len_student": Metric("val", "minillm", "mean length of the student-only validation answers"),
 }
