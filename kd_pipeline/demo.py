@@ -2,7 +2,7 @@
 ``make demo`` runs ``python -m kd_pipeline.demo --out demo_out``.
 
 It is ``python -m kd_pipeline.repro`` for one seed in the ``unlabelled`` condition, where on-policy distillation
-should show (the student has the answers of an eighth of the teacher's instructions, stage 2 sees the prompts of
+should show (the student has the answers of a quarter of the teacher's instructions, stage 2 sees the prompts of
 all of them; kd_pipeline/repro/design.py), every step the real command-line tool:
 
  1. data        data_prep synth --profile repro -> shard (the labelled share, all of S, S's prompts without answers

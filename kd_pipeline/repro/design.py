@@ -100,7 +100,7 @@ SCALES = {
     # Sizes: README "How design 2's sizes were chosen". Model sizes as design 1 (configs/repro/*.yaml).
     "cpu": Scale(records=2000, bench={"scene": 1000, "vqa": 999, "region_captioning": 500, "referring": 50},
                  agreement_questions=200, teacher_steps=1000, student_steps=600, stage1_steps=200,
-                 stage2_steps=100, stage2_lr=1.0e-4, labelled_share=0.125, eval_every=(100, 50, 20)),
+                 stage2_steps=100, stage2_lr=3.0e-4, labelled_share=0.25, eval_every=(100, 50, 20)),
     "quick": Scale(records=120, bench={"scene": 20, "vqa": 21, "region_captioning": 8, "referring": 4},
                    agreement_questions=8, teacher_steps=6, student_steps=6, stage1_steps=4, stage2_steps=4,
                    stage2_lr=1.0e-4, labelled_share=0.5, eval_every=(3, 2, 2), micro_batch=4, stage2_grad_accum=2,

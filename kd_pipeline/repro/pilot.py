@@ -122,7 +122,8 @@ def plot(results: dict, path: Path) -> None:
                         [100 * results["shares"][share]["scores"].get(arm, float("nan")) for share in shares], 0.27,
                         label=arm)
     shares_axis.set_xticks(range(len(shares)))
-    shares_axis.set_xticklabels([f"share {share}" for share in shares])
+    shares_axis.set_xticklabels([f"share {share}: Pc - C {100 * results['shares'][share]['pc_minus_c']:+.1f}"
+                                 for share in shares])
     shares_axis.set_ylabel("scene accuracy, forced choice (%)")
     shares_axis.set_ylim(bottom=max(0, min(100 * value for entry in results["shares"].values()
                                            for value in entry["scores"].values()) - 10))
@@ -130,7 +131,8 @@ def plot(results: dict, path: Path) -> None:
     shares_axis.set_title("labelled share (Pc - C >= 3 points wanted)")
     for name, entry in results["grid"].items():
         steps, values = zip(*entry["curve"])
-        curves_axis.plot(steps, values, marker="o", markersize=3, label=f"{name} (best -{100 * entry['reduction']:.0f} %)")
+        curves_axis.plot(steps, values, marker="o", markersize=3,
+                         label=f"{name} (best {-100 * entry['reduction']:+.0f} %)")
     if results["grid"]:
         start = next(iter(results["grid"].values()))["start"]
         curves_axis.axhline(start * (1 - MIN_KL_REDUCTION), color="grey", linestyle="--", linewidth=0.8,
