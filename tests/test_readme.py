@@ -28,3 +28,12 @@ def test_results_block_is_the_report_of_the_committed_json():
     block = README.split("<!-- repro-results:start -->")[1].split("<!-- repro-results:end -->")[0]
     summary = json.loads((ROOT / "bench" / "results" / "repro_cpu.json").read_text())["summary"]
     assert report.markdown(summary) in block, "README's results are stale: regenerate them from repro_cpu.json"
+
+
+def test_pilot_tables_are_those_of_the_committed_pilot_json():
+    """README's tables of how design 2's sizes were chosen are pilot.markdown of repro_pilot_cpu.json, verbatim."""
+    from kd_pipeline.repro import pilot
+
+    results = json.loads((ROOT / "bench" / "results" / "repro_pilot_cpu.json").read_text())
+    for table in pilot.markdown(results):
+        assert "\n".join("   " + line for line in table.splitlines()) in README, "README's pilot tables are stale"

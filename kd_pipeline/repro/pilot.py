@@ -109,6 +109,24 @@ def read_curve(run_dir: Path) -> dict:
             "reduction": 1.0 - best / start, "telemetry": telemetry}
 
 
+def markdown(results: dict) -> tuple[str, str]:
+    """README's two pilot tables (shares; stage-2 grid) from the pilot JSON, the chosen rows marked."""
+    choice = results["choice"]
+    shares = ["| labelled share | A | C | Pc | Pc−C |", "| --- | ---: | ---: | ---: | ---: |"]
+    for share, entry in sorted(results["shares"].items(), key=lambda item: -float(item[0])):
+        scores = entry["scores"]
+        label = f"1/{round(1 / float(share))}" + (" (chosen)" if float(share) == choice["labelled_share"] else "")
+        shares.append(f"| {label} | {100 * scores['A']:.1f} | {100 * scores['C']:.1f} | {100 * scores['Pc']:.1f} | "
+                      f"{100 * entry['pc_minus_c']:+.1f} |")
+    grid = ["| lr | K | best validation reverse KL (step) | vs D |", "| --- | ---: | ---: | ---: |"]
+    for entry in results["grid"].values():
+        chosen = (entry["lr"], entry["steps"]) == (choice["stage2_lr"], choice["stage2_steps"])
+        cells = [f"{entry['lr']:g}", str(entry["steps"]), f"{entry['best']:.3f} ({entry['best_step']})",
+                 f"{-100 * entry['reduction']:+.0f} %"]
+        grid.append("| " + " | ".join(f"**{cell}**" if chosen else cell for cell in cells) + " |")
+    return "\n".join(shares), "\n".join(grid)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
