@@ -274,8 +274,8 @@ class SeedTasks:
             self._export(task, run_dir, model_dir)
         return self._task(f"{world}.teacher", action, deps)
 
-    def arm_specs(self, condition: str, data: dict[str, str]) -> dict[str, tuple[str, list[str], tuple[str, ...]]]:
-        """{arm: (config, overrides, deps beyond the start arm)} of one condition (``data``: data task names)."""
+    def arm_specs(self, condition: str) -> dict[str, tuple[str, list[str], tuple[str, ...]]]:
+        """{arm: (config, overrides, needs beyond the start arm: "teacher", "pseudo" or a data task key)}."""
         paths, scale, seed = self.paths, self.scale, self.seed
         world, student_set = WORLD_OF[condition], self.student_set(condition)
         labelled = f"data.shards={paths.set_dir(student_set) / 'shards'}"
@@ -311,7 +311,7 @@ class SeedTasks:
     def arms(self, condition: str, data: dict[str, str], teacher_task: str) -> dict[str, str]:
         """Train + export tasks of one condition's arms; returns {arm: task name}."""
         paths, world = self.paths, WORLD_OF[condition]
-        specs = self.arm_specs(condition, data)
+        specs = self.arm_specs(condition)
         wanted = [arm for arm in design.condition_arms(condition) if arm in self.requested]
         names: dict[str, str] = {}
         for arm in (arm for arm in design.ARMS if arm in wanted):

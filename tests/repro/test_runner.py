@@ -70,3 +70,25 @@ def test_exceptions_in_actions_become_task_failures_and_unknown_dependencies_are
         make_runner(tmp_path).run([Task("broken", broken)])
     with pytest.raises(ValueError, match="unknown tasks"):
         make_runner(tmp_path).run([Task("x", broken, ("nowhere",))])
+
+
+@pytest.mark.parametrize("forkserver", ["1", "0"])
+def test_python_tasks_run_as_python_m_would_forked_or_not(tmp_path, monkeypatch, forkserver):
+    """`Runner.python` from the preloaded fork server (or, switched off, a subprocess): the module runs as __main__
+    with its arguments, the runner's environment, the repository root as working directory, the interpreter's own
+    start method for its workers, stdout and stderr in the task's log, and its exit status."""
+    import json
+
+    from kd_pipeline.repro import runner as runner_module
+
+    monkeypatch.setenv("KD_REPRO_FORKSERVER", forkserver)
+    monkeypatch.setattr(runner_module, "_server_context", None)
+    runner = Runner(state_dir=tmp_path / "state", log_dir=tmp_path / "logs", jobs=1, env={"KD_PROBE": "seen"})
+    runner.run([Task("ok", lambda task: runner.python(task, "tests.repro.probe", "a b", "0"))])
+    log = (tmp_path / "logs" / "ok.log").read_text()
+    report = json.loads(next(line for line in log.splitlines() if line.startswith("PROBE "))[6:])
+    assert report == {"argv": ["a b", "0"], "cwd": str(runner_module.ROOT), "env": "seen", "start_method": "fork",
+                      "main": "__main__"}
+    assert "to stderr" in log and log.startswith("$ ")
+    with pytest.raises(TaskFailed, match=r"(?s)task bad failed \(exit 3\).*to stderr"):
+        runner.run([Task("bad", lambda task: runner.python(task, "tests.repro.probe", "3"))])
