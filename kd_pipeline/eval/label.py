@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise LabelInputError("--max-new-tokens and --batch-size must be at least 1")
     if not (args.model / "config.json").is_file():
-        raise LabelInputError(f"--model {args.model} is not an exported model folder (no config.json): give a "
+        raise LabelInputError(f"--model {args.model} has no config.json: it is not an exported model folder; give a "
                               "kd_pipeline.export output")
     if not args.images.is_dir():
         raise LabelInputError(f"--images {args.images} is not a directory")
