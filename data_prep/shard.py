@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         rejects.extend(result.rejects)
     manifest = build_manifest(
-        kind="prompts" if args.prompts_only else "instruct", source=source, seed=args.seed, val_fraction=args.val_fraction,
+        kind="prompts" if args.prompts_only else "instruct", source=source, seed=args.seed,
+        val_fraction=args.val_fraction,
         max_image_pixels=args.max_image_pixels, input_count=len(records),
         shard_results=[vars(result) for result in results], split_names=("train", "val"),
         task_kinds=count_by([kind for result in results for kind in result.task_kinds], TASK_KINDS),

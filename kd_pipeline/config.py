@@ -271,7 +271,8 @@ class Config:
                               f"train.micro_batch_size x train.grad_accum = {per_rank} (0 disables the check)")
         if not 0.0 <= self.kd.alpha_kd <= 1.0:
             raise ConfigError(f"kd.alpha_kd must lie in [0, 1], got {self.kd.alpha_kd}")
-        for key, value in (("kd.align_weight", self.kd.align_weight), ("minillm.align_weight", self.minillm.align_weight),
+        for key, value in (("kd.align_weight", self.kd.align_weight),
+                           ("minillm.align_weight", self.minillm.align_weight),
                            ("minillm.single_step_weight", self.minillm.single_step_weight),
                            ("minillm.long_term_weight", self.minillm.long_term_weight),
                            ("minillm.pt_weight", self.minillm.pt_weight)):

@@ -206,9 +206,9 @@ class StudentModule(nn.Module):
 
     def _add_alignment(self, loss: torch.Tensor, features: torch.Tensor, teacher_features: torch.Tensor | None,
                        align_weight: float):
-        """Add lambda_align x the alignment's mean squared error. With no image rows (a text-only batch) P still runs on the
-        empty features and 0 x its output is added: ZeRO-3 reduces gradients per parameter across ranks, so every
-        rank's P (and projector) must take part, here with exact zero gradients."""
+        """Add lambda_align x the alignment's mean squared error. With no image rows (a text-only batch) P still
+        runs on the empty features and 0 x its output is added: ZeRO-3 reduces gradients per parameter across ranks,
+        so every rank's P (and projector) must take part, here with exact zero gradients."""
         mapped = self.feature_map(features)  # (N_img, T_img, Ht)
         if features.shape[0] and teacher_features is not None and teacher_features.shape[0]:
             align = alignment_loss(mapped, teacher_features)

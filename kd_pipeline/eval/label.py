@@ -13,8 +13,8 @@ and the student is then trained on those answers with cross-entropy (``make repr
 Each record of ``--instruct`` (a GeoChat JSON list, e.g. a ``--prompts-only`` source) is answered after its last
 human turn: the conversation up to there is rendered with ``--template`` (``vicuna_v1``, how GeoChat trains, so the
 teacher answers in the setting it was trained in), the image is preprocessed as in training, and the model decodes
-greedily (one beam, stop at EOS, the ``<image>`` id suppressed). A trailing answer in the input is replaced. The output is the input records with
-the model's answer as the final ``gpt`` turn; records whose answer is empty are left out and counted. The output is
+greedily (one beam, stop at EOS, the ``<image>`` id suppressed). A trailing answer in the input is replaced. The
+output is the input records with the model's answer as the final ``gpt`` turn; records whose answer is empty are left out and counted. The output is
 written atomically at the end (an interrupted run writes nothing; rerun it).
 
 Exit status: 0; 2 on bad input (a missing or malformed file, a record without a human turn, an unusable image),
@@ -58,8 +58,9 @@ def read_prompts(path: Path) -> list[dict]:
         turns = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(turns, list) or not any(isinstance(turn, dict) and turn.get("from") == "human"
                                                   for turn in turns):
-            raise LabelInputError(f"--instruct {path}: record {index} (id {record.get('id') if isinstance(record, dict) else None!r}) "
-                                  "has no human turn to answer; give GeoChat records with 'conversations'")
+            identifier = record.get("id") if isinstance(record, dict) else None
+            raise LabelInputError(f"--instruct {path}: record {index} (id {identifier!r}) has no human turn to answer; "
+                                  "give GeoChat records with 'conversations'")
         if not isinstance(record.get("image"), str):
             raise LabelInputError(f"--instruct {path}: record {index} has no 'image'; label answers image prompts")
     return records

@@ -94,7 +94,8 @@ def grid_task(base: SeedTasks, lr: float, steps: int) -> tuple[Task, Path]:
                  f"run.init_from={base.paths.run('unlabelled', 'D')}"]
     seed = f"seed{design.PILOT_SEED}"
     name = f"{seed}.{point.variant}.unlabelled.E"
-    deps = (f"{seed}.{base.variant}.unlabelled.D", f"{seed}.set_ab_S_prompts", f"{seed}.pt_{base.student_set('unlabelled')}")
+    deps = (f"{seed}.{base.variant}.unlabelled.D", f"{seed}.set_ab_S_prompts",
+            f"{seed}.pt_{base.student_set('unlabelled')}")
     return Task(name, lambda task: point._train(task, "stage2.yaml", run_dir, overrides), deps,
                 group=f"seed{design.PILOT_SEED}"), run_dir
 

@@ -222,7 +222,8 @@ class SeedTasks:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "prompts.json").write_text(json.dumps(unlabelled))
         self.runner.python(task, "kd_pipeline.eval", "label", "--model", str(self.paths.teacher_model(world)),
-                           "--instruct", str(folder / "prompts.json"), "--images", str(self.paths.world(world) / "images"),
+                           "--instruct", str(folder / "prompts.json"),
+                           "--images", str(self.paths.world(world) / "images"),
                            "--out", str(folder / "pseudo.json"), "--max-new-tokens", str(self.scale.max_new_tokens),
                            "--batch-size", "64")
         pseudo = json.loads((folder / "pseudo.json").read_text())

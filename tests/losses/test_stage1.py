@@ -146,7 +146,8 @@ def naive_alignment(student_features, teacher_features, mask):
     total, count = torch.zeros((), dtype=torch.float64), 0
     for batch, token in mask.nonzero().tolist():
         for feature in range(teacher_features.shape[-1]):
-            difference = teacher_features[batch, token, feature].double() - student_features[batch, token, feature].double()
+            difference = (teacher_features[batch, token, feature].double()
+                          - student_features[batch, token, feature].double())
             total = total + 0.5 * difference * difference
             count += 1
     return total / max(count, 1)
