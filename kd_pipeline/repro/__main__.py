@@ -81,9 +81,32 @@ def collect(out: Path, seeds: list[int], conditions: tuple[str, ...], arms: tupl
     return per_seed
 
 
+TIME_KINDS = (  # where a seed's time goes, by a task's name after "seedN." (first match wins)
+    ("pseudo-labels (eval label + shard)", lambda name: "set_ab_G" in name),
+    ("data (worlds, sets, D_PT, benchmarks)", lambda name: name.partition(".")[2].startswith(
+        ("world_", "tokenizer", "set_", "pt_", "bench_"))),
+    ("teachers", lambda name: name.endswith(".teacher")),
+    ("evaluation", lambda name: ".eval" in name or name.endswith((".teacher_eval", ".image_free"))),
+    ("A, N (students alone)", lambda name: name.endswith((".A", ".N"))),
+    ("C, Pc, D, D_al (stage 1's length)", lambda name: name.endswith((".C", ".Pc", ".D", ".D_al"))),
+    ("E, E0, E_ss (stage 2)", lambda name: name.endswith((".E", ".E0", ".E_ss"))),
+    ("F, G (cross-entropy on stage 2's schedule)", lambda name: name.endswith((".F", ".G"))),
+)
+
+
+def time_by_kind(tasks: dict[str, float]) -> dict[str, float]:
+    """{kind: seconds} of one seed's task times (``TIME_KINDS``; anything else under "other")."""
+    totals: dict[str, float] = {}
+    for name, seconds in tasks.items():
+        kind = next((kind for kind, matches in TIME_KINDS if matches(name)), "other")
+        totals[kind] = totals.get(kind, 0.0) + seconds
+    return totals
+
+
 def timings(runner: Runner, seeds: list[int]) -> dict:
-    """Per seed: the sum of its tasks' run times (process time at ``--jobs`` processes) and the wall-clock span from
-    its first task's start to its last task's end (seeds overlap when a seed's last tasks run beside the next's)."""
+    """Per seed: the sum of its tasks' run times (process time at ``--jobs`` processes), the same by kind of task,
+    and the wall-clock span from its first task's start to its last task's end (seeds overlap when a seed's last
+    tasks run beside the next's)."""
     markers = runner.timings()
     by_seed = {}
     for seed in seeds:
@@ -92,6 +115,8 @@ def timings(runner: Runner, seeds: list[int]) -> dict:
         starts = [end - marker["seconds"] for end, marker in zip(ends, mine.values())]
         by_seed[f"seed{seed}"] = {"task_seconds_sum": sum(marker["seconds"] for marker in mine.values()),
                                   "wall_seconds_span": max(ends) - min(starts) if ends else None,
+                                  "by_kind": {kind: round(seconds, 1) for kind, seconds in time_by_kind(
+                                      {name: marker["seconds"] for name, marker in mine.items()}).items()},
                                   "tasks": {name: round(marker["seconds"], 1) for name, marker in mine.items()}}
     return by_seed
 

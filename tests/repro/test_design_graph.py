@@ -106,3 +106,15 @@ def test_unknown_names_and_other_designs_are_refused_with_one_line(tmp_path, cap
     status, lines = run_cli(["--out", str(tmp_path / "fresh"), "--report-only", "--results", str(results)], capsys)
     assert status == 2 and len(lines) == 1 and "holds design 1" in lines[0] and "move that file" in lines[0]
     assert json.loads(results.read_text())["design"]["version"] == 1  # untouched
+
+
+def test_every_task_of_a_seed_has_a_kind_of_time(tmp_path):
+    """The timings' breakdown (results JSON, README) puts every task of the design somewhere, and nothing twice."""
+    from kd_pipeline.repro.__main__ import TIME_KINDS, time_by_kind
+
+    tasks = SeedTasks(RecordingRunner(tmp_path), design.SCALES["cpu"], 5, tmp_path, design.CONDITIONS).build()
+    for task in tasks:
+        kinds = [kind for kind, matches in TIME_KINDS if matches(task.name)]
+        assert kinds, task.name
+    totals = time_by_kind({task.name: 1.0 for task in tasks})
+    assert "other" not in totals and sum(totals.values()) == len(tasks)
