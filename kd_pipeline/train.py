@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd_pipeline.engine.stopping import catch_stop_signals
 
     catch_stop_signals()  # first: a USR1/TERM during the checks or the imports becomes a stop request, not a death
-    from kd_pipeline.data.loaders import check_loader_readers
+    from kd_pipeline.data.loaders import check_loader_readers, start_worker_server
     from kd_pipeline.plan import check_batch
     from kd_pipeline.runtime import discover_ranks, init_runtime, record_exit_status, setup_logging
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError:
         record_exit_status(ranks.rank, EXIT_USER_ERROR)
         raise
+    if config.data.num_workers:
+        start_worker_server()
 
     runtime = init_runtime(config.deepspeed.timeout_minutes)
     setup_logging(runtime.rank)

@@ -45,18 +45,52 @@ MAX_PROMPT_TOKENS = 256
 """Text tokens of a stage-2 rollout prompt at most (MiniLLM's max_prompt_length); longer prompts are skipped."""
 
 
-def outlive_stop_signals(_worker_id: int) -> None:
+# Workers start from a forkserver, not by forking the rank. On Python < 3.12 a fork can hang the child inside
+# os.fork for good when another thread of the parent is creating or deleting its Python thread state at that moment
+# (the child inherits a held runtime lock: cpython#112275, fixed in 3.12). A rank's gloo threads do that each time
+# they drop the last reference to a tensor (pybind11 takes the GIL from a thread without a thread state). Measured
+# with tiny_cpu.yaml on 2 ranks, a validation every step: 3 of 21 runs of 150 steps hung with a forked validation
+# worker stuck in os.fork (the CI hang of test_resume_gives_identical_losses_and_weights). The server is started
+# once per rank by fork + exec and is single-threaded. It preloads what unpickling a dataset imports, GeoChat's
+# (LLaMA's) tokenizer class included: without it each worker start imports transformers' models (0.8 s here), with
+# it a worker starts in 0.1 s as a fork did. PyTorch makes the same choice its default from Python 3.14.
+WORKER_START_METHOD = "forkserver"
+FORKSERVER_PRELOAD = ["kd_pipeline.data.forkserver_init", "kd_pipeline.data.loaders",
+                      "transformers.models.llama.tokenization_llama"]
+
+
+@functools.cache
+def worker_context():
+    """The multiprocessing context of every DataLoader here (the first call fixes the forkserver's preload)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return context
+
+
+def start_worker_server() -> None:
+    """Start this rank's forkserver now, so that its imports (torch and the data modules, ~2 s) overlap the model
+    build instead of delaying the first batch. Started by fork + exec: safe with threads running."""
+    import multiprocessing.forkserver
+
+    worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
+def outlive_stop_signals(_worker_id: int, rank_pid: int) -> None:
     """DataLoader workers outlive USR1 and TERM: Slurm signals every process of a step, and the stop decision (and
     the checkpoint) belongs to the rank; a worker killed by the signal would crash the rank.
 
     Torch's workers exit on a TERM from their rank (multiprocessing ends leftover workers so when the rank exits)
     and die of a TERM from anyone else. Here both signals are blocked and taken by a thread with ``sigwaitinfo``,
-    which tells the sender apart: TERM from the rank still ends the worker (a worker ignoring it would keep a failed
-    rank from exiting), everything else is ignored. Written out because a Python signal handler never sees the
-    sender."""
+    which tells the sender apart: TERM from the rank (``rank_pid``: the worker's parent is the forkserver) still
+    ends the worker (a worker ignoring it would keep a failed rank from exiting), everything else is ignored.
+    Written out because a Python signal handler never sees the sender."""
     stop_signals = {signal.SIGUSR1, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # this thread and every thread it starts
-    rank_pid = os.getppid()
+    for number in stop_signals:  # ignored in the forkserver (forkserver_init); an ignored signal is discarded
+        signal.signal(number, signal.SIG_DFL)
 
     def take_signals() -> None:
         while True:
@@ -65,6 +99,12 @@ def outlive_stop_signals(_worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=take_signals, name="stop_signals", daemon=True).start()
+
+
+def worker_settings() -> dict:
+    """DataLoader arguments shared by every loader here: the start method and the signal policy."""
+    return {"multiprocessing_context": worker_context(),
+            "worker_init_fn": functools.partial(outlive_stop_signals, rank_pid=os.getpid())}
 
 
 def _add_stats(total: dict, delta: dict) -> None:
@@ -195,9 +235,9 @@ class TrainLoader:
     def _epoch_batches(self) -> Iterator[dict]:
         dataset = pipeline.EpochDataset(self._plan, self.encoder, self.collate, seed=self.seed, rank=self.rank,
                                         shuffle_buffer=self.shuffle_buffer, micro_batch_size=self.micro_batch_size)
+        workers = worker_settings() if self.num_workers else {}
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory, persistent_workers=False,
-                                             worker_init_fn=outlive_stop_signals)
+                                             pin_memory=self.pin_memory, persistent_workers=False, **workers)
         for batch in loader:
             self._advance(batch.pop("_position"))
             yield batch
@@ -372,8 +412,8 @@ class EvalLoader:
         dataset = _EvalDataset(self.split, self.encoder, self.collate, rank=self.rank, world_size=self.world_size,
                                micro_batch_size=self.micro_batch_size, max_batches=self.num_batches)
         produced = 0
-        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                 worker_init_fn=outlive_stop_signals):
+        workers = worker_settings() if self.num_workers else {}
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **workers):
             if "_stats" in batch:
                 self.stats = batch["_stats"]
                 continue

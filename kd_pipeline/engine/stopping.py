@@ -118,6 +118,13 @@ def install_failure_report(rank: int, state) -> None:
     previous_hook = sys.excepthook
 
     def report(kind, error, traceback) -> None:
+        # This rank is failing: a TERM or USR1 from now on (srun --kill-on-bad-exit ending the step once a peer
+        # died, a forwarded notice) must not replace the crash's exit status. Python restores the default action
+        # (terminate) late in its shutdown, so a TERM arriving then would end the rank as "killed by TERM" (143)
+        # and the job's status would hide the rank that failed first; an ignored disposition outlives the shutdown.
+        # A rank that hangs while exiting still gets the launcher's KILL.
+        for number in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
         if not issubclass(kind, KeyboardInterrupt):
             # gloo raises plain RuntimeErrors with varying texts ("Connection closed by peer", "Timed out waiting
             # 30000ms for recv", "Application timeout caused pair closure").

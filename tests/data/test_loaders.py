@@ -274,18 +274,23 @@ def test_prompt_loader_left_pads_prompts_ending_in_an_open_answer(tmp_path, toke
             assert text.endswith("ASSISTANT:") and "</s>" not in text.split("USER:")[-1]
 
 
-def forked_children() -> list[int]:
-    """This process's children that run its own command line: the DataLoader's worker processes."""
-    own = Path("/proc/self/cmdline").read_bytes()
-    children = []
+def children(pid: int) -> list[int]:
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if parent == os.getpid() and (stat.parent / "cmdline").read_bytes() == own:
-                children.append(int(stat.parent.name))
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
         except (OSError, ValueError):
             continue
-    return children
+    return found
+
+
+def loader_workers() -> list[int]:
+    """The DataLoader's worker processes: the children of this process's forkserver."""
+    servers = [pid for pid in children(os.getpid())
+               if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, f"expected one forkserver child, found {servers}"
+    return children(servers[0])
 
 
 def running(pid: int) -> bool:
@@ -303,7 +308,7 @@ def test_workers_outlive_stop_signals_from_outside(even_shards, tokenizer):
     uninterrupted = take(build(even_shards, tokenizer, rank=0, world_size=2), 6)
     stream = iter(build(even_shards, tokenizer, rank=0, world_size=2))
     batches = [next(stream) for _ in range(2)]
-    workers = forked_children()
+    workers = loader_workers()
     assert len(workers) == 2
     for pid in workers:
         for name in ("USR1", "TERM"):  # sent by `kill`, another process, as slurmstepd does

@@ -69,8 +69,9 @@ class Job:
 
     def rank_pid(self, rank: int) -> int:
         """The training process of ``rank``: ``python -u -m kd_pipeline.train`` whose parent has another command
-        line (its DataLoader workers are forks with the same one; srun's names the trainer among its arguments). Its
-        rank is SLURM_PROCID under srun, RANK under local_distill.sh."""
+        line (srun's names the trainer among its arguments; a process forked from the trainer would have the same
+        one). Its DataLoader workers come from its forkserver (``python -c ...``). Its rank is SLURM_PROCID under
+        srun, RANK under local_distill.sh."""
         trainer = b"-u\0-m\0kd_pipeline.train\0"
         found = [pid for pid, environ, cmdline, parent_cmdline in self.processes()
                  if (f"SLURM_PROCID={rank}".encode() in environ or f"RANK={rank}".encode() in environ)

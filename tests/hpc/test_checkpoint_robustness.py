@@ -266,8 +266,15 @@ def test_failure_report_names_the_rank_and_the_last_completed_step(caplog, monke
     install_failure_report(5, state)
     state.step = 7  # the loop moves on after installation; the report reads the step at failure time
     error = torch.distributed.DistBackendError("Connection closed by peer [127.0.0.1]:1234")
-    with caplog.at_level(logging.CRITICAL):
-        sys.excepthook(type(error), error, None)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        with caplog.at_level(logging.CRITICAL):
+            sys.excepthook(type(error), error, None)
+        # a failing rank keeps its own exit status: the launcher's TERM while it shuts down is ignored
+        assert {signal.getsignal(number) for number in handlers} == {signal.SIG_IGN}
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     assert "rank 5 failed after step 7 was completed" in caplog.text
     assert "peer rank died or stopped responding" in caplog.text
     assert len(calls) == 1 and calls[0][1] is error  # the usual traceback still follows
