@@ -118,9 +118,12 @@ def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditio
             summary["conditions"][condition]["recovered_share"] = share
     summary["verdict"] = stats.overall_verdict({name: entry["verdict"]
                                                 for name, entry in summary["conditions"].items()})
-    # The rule was registered for len(DEFAULT_SEEDS) seeds: with fewer complete the verdict is provisional.
+    # The rule was registered for DEFAULT_SEEDS: until all of them are complete the verdict is provisional, and on
+    # other seeds only (the demo's seed 0) it is an illustration of the rule, not the experiment's answer.
+    registered = [seed for seed in seeds if int(seed) in design.DEFAULT_SEEDS]
     summary["verdict"]["seeds_planned"] = len(design.DEFAULT_SEEDS)
-    summary["verdict"]["final"] = len(seeds) >= len(design.DEFAULT_SEEDS)
+    summary["verdict"]["registered_seeds_complete"] = len(registered)
+    summary["verdict"]["final"] = len(registered) == len(design.DEFAULT_SEEDS)
     summary["seeds"] = seeds
     return summary
 
@@ -197,8 +200,13 @@ def markdown(summary: Mapping[str, Any]) -> str:
             lines.append(_share_line(entry["recovered_share"]))
         lines.append("")
     overall = summary["verdict"]
-    if not overall["final"]:
-        lines.append(f"**Interim: {len(summary['seeds'])} of the {overall['seeds_planned']} pre-registered seeds are "
+    registered = overall.get("registered_seeds_complete", len(summary["seeds"]))
+    if not overall["final"] and registered == 0:
+        lines.append(f"**Not the experiment: seed(s) {', '.join(map(str, summary['seeds']))} are not among its "
+                     f"pre-registered seeds {', '.join(map(str, design.DEFAULT_SEEDS))}; this verdict only shows the "
+                     "rule at work.**")
+    elif not overall["final"]:
+        lines.append(f"**Interim: {registered} of the {overall['seeds_planned']} pre-registered seeds are "
                      "complete; the rule is judged on all of them, so this verdict is provisional.**")
     lines.append(f"**Pass rule: {'HOLDS' if overall['rule_holds'] else 'does NOT hold'}** "
                  f"(holds in: {', '.join(overall['holds_in']) or 'no condition'}; harness sensitive in: "

@@ -70,7 +70,7 @@ def _per_seed(effect: dict[str, float], condition: str = "unlabelled", seeds: in
     kl_effect = {"D": -0.05, "E": -0.05} if kl_effect is None else kl_effect
     rng = np.random.default_rng(0)
     per_seed = {}
-    for seed in range(seeds):
+    for seed in design.DEFAULT_SEEDS[:seeds] if seeds <= len(design.DEFAULT_SEEDS) else range(seeds):
         base = 0.5 + 0.05 * rng.standard_normal()
         arms = {}
         for arm in (*design.condition_arms(condition), "teacher"):
@@ -124,10 +124,15 @@ def test_markdown_states_the_verdict_and_the_plot_is_written(tmp_path):
     interim = report.summarise(_per_seed({"Pc": 0.05, "E": 0.03, "teacher": 0.3}, seeds=3), ["unlabelled"])
     assert interim["verdict"]["rule_holds"] and not interim["verdict"]["final"]
     assert "Interim: 3 of the 5 pre-registered seeds" in report.markdown(interim)
+    other_seed = report.summarise({"0": _per_seed({"Pc": 0.05}, seeds=1)[str(design.DEFAULT_SEEDS[0])]},
+                                  ["unlabelled"])  # the demo's seed 0: not the experiment
+    assert not other_seed["verdict"]["final"] and other_seed["verdict"]["registered_seeds_complete"] == 0
+    assert "Not the experiment: seed(s) 0 are not among its pre-registered seeds 5, 6, 7, 8, 9" in \
+        report.markdown(other_seed) and "Interim" not in report.markdown(other_seed)
     report.plot(summary, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report.write_results(tmp_path / "r.json", {"summary": summary})
-    assert json.loads((tmp_path / "r.json").read_text())["summary"]["seeds"] == ["0", "1", "2", "3", "4"]
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["seeds"] == [str(seed) for seed in design.DEFAULT_SEEDS]
 
 
 def test_one_seed_shows_the_difference_with_the_arms_combined_standard_errors():
