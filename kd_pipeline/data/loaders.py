@@ -49,11 +49,12 @@ MAX_PROMPT_TOKENS = 256
 # os.fork for good when another thread of the parent is creating or deleting its Python thread state at that moment
 # (the child inherits a held runtime lock: cpython#112275, fixed in 3.12). A rank's gloo threads do that each time
 # they drop the last reference to a tensor (pybind11 takes the GIL from a thread without a thread state). Measured
-# with tiny_cpu.yaml on 2 ranks, a validation every step: 3 of 21 runs of 150 steps hung with a forked validation
-# worker stuck in os.fork (the CI hang of test_resume_gives_identical_losses_and_weights). The server is started
-# once per rank by fork + exec and is single-threaded. It preloads what unpickling a dataset imports, GeoChat's
-# (LLaMA's) tokenizer class included: without it each worker start imports transformers' models (0.8 s here), with
-# it a worker starts in 0.1 s as a fork did. PyTorch makes the same choice its default from Python 3.14.
+# with tiny_cpu.yaml on 2 ranks, a validation every step: 3 of 22 runs of 150 steps hung with a forked validation
+# worker stuck in os.fork (the CI hang of test_resume_gives_identical_losses_and_weights); 0 of 26 with it. The
+# server is started once per rank by fork + exec and is single-threaded. It preloads what unpickling a dataset
+# imports, GeoChat's (LLaMA's) tokenizer class included: without it each worker start imports transformers' models
+# (0.8 s here), with it a worker starts in 0.1 s as a fork did. Python 3.14 makes forkserver multiprocessing's
+# default on Linux for the same kind of reason.
 WORKER_START_METHOD = "forkserver"
 FORKSERVER_PRELOAD = ["kd_pipeline.data.forkserver_init", "kd_pipeline.data.loaders",
                       "transformers.models.llama.tokenization_llama"]
