@@ -102,9 +102,11 @@ def outlive_stop_signals(_worker_id: int, rank_pid: int) -> None:
     threading.Thread(target=take_signals, name="stop_signals", daemon=True).start()
 
 
-def worker_settings() -> dict:
-    """DataLoader arguments shared by every loader here: the start method and the signal policy."""
-    return {"multiprocessing_context": worker_context(),
+def worker_settings(num_workers: int) -> dict:
+    """DataLoader arguments shared by every loader here: the workers, their start method and signal policy."""
+    if not num_workers:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": worker_context(),
             "worker_init_fn": functools.partial(outlive_stop_signals, rank_pid=os.getpid())}
 
 
@@ -236,9 +238,8 @@ class TrainLoader:
     def _epoch_batches(self) -> Iterator[dict]:
         dataset = pipeline.EpochDataset(self._plan, self.encoder, self.collate, seed=self.seed, rank=self.rank,
                                         shuffle_buffer=self.shuffle_buffer, micro_batch_size=self.micro_batch_size)
-        workers = worker_settings() if self.num_workers else {}
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             pin_memory=self.pin_memory, persistent_workers=False, **workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, pin_memory=self.pin_memory,
+                                             persistent_workers=False, **worker_settings(self.num_workers))
         for batch in loader:
             self._advance(batch.pop("_position"))
             yield batch
@@ -413,8 +414,7 @@ class EvalLoader:
         dataset = _EvalDataset(self.split, self.encoder, self.collate, rank=self.rank, world_size=self.world_size,
                                micro_batch_size=self.micro_batch_size, max_batches=self.num_batches)
         produced = 0
-        workers = worker_settings() if self.num_workers else {}
-        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **workers):
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, **worker_settings(self.num_workers)):
             if "_stats" in batch:
                 self.stats = batch["_stats"]
                 continue

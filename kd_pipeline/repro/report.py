@@ -120,12 +120,15 @@ def summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, dict]]], conditio
                                                 for name, entry in summary["conditions"].items()})
     # The rule was registered for DEFAULT_SEEDS: until all of them are complete the verdict is provisional, and on
     # other seeds only (the demo's seed 0) it is an illustration of the rule, not the experiment's answer.
-    registered = [seed for seed in seeds if int(seed) in design.DEFAULT_SEEDS]
     summary["verdict"]["seeds_planned"] = len(design.DEFAULT_SEEDS)
-    summary["verdict"]["registered_seeds_complete"] = len(registered)
-    summary["verdict"]["final"] = len(registered) == len(design.DEFAULT_SEEDS)
+    summary["verdict"]["final"] = _registered(seeds) == len(design.DEFAULT_SEEDS)
     summary["seeds"] = seeds
     return summary
+
+
+def _registered(seeds: Sequence[str]) -> int:
+    """How many of ``seeds`` are the design's pre-registered ones."""
+    return sum(int(seed) in design.DEFAULT_SEEDS for seed in seeds)
 
 
 def _percent(metric: str) -> bool:
@@ -200,7 +203,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             lines.append(_share_line(entry["recovered_share"]))
         lines.append("")
     overall = summary["verdict"]
-    registered = overall.get("registered_seeds_complete", len(summary["seeds"]))
+    registered = _registered(summary["seeds"])
     if not overall["final"] and registered == 0:
         lines.append(f"**Not the experiment: seed(s) {', '.join(map(str, summary['seeds']))} are not among its "
                      f"pre-registered seeds {', '.join(map(str, design.DEFAULT_SEEDS))}; this verdict only shows the "

@@ -70,7 +70,7 @@ def _per_seed(effect: dict[str, float], condition: str = "unlabelled", seeds: in
     kl_effect = {"D": -0.05, "E": -0.05} if kl_effect is None else kl_effect
     rng = np.random.default_rng(0)
     per_seed = {}
-    for seed in design.DEFAULT_SEEDS[:seeds] if seeds <= len(design.DEFAULT_SEEDS) else range(seeds):
+    for seed in design.DEFAULT_SEEDS[:seeds]:
         base = 0.5 + 0.05 * rng.standard_normal()
         arms = {}
         for arm in (*design.condition_arms(condition), "teacher"):
@@ -126,13 +126,17 @@ def test_markdown_states_the_verdict_and_the_plot_is_written(tmp_path):
     assert "Interim: 3 of the 5 pre-registered seeds" in report.markdown(interim)
     other_seed = report.summarise({"0": _per_seed({"Pc": 0.05}, seeds=1)[str(design.DEFAULT_SEEDS[0])]},
                                   ["unlabelled"])  # the demo's seed 0: not the experiment
-    assert not other_seed["verdict"]["final"] and other_seed["verdict"]["registered_seeds_complete"] == 0
+    assert not other_seed["verdict"]["final"]
     assert "Not the experiment: seed(s) 0 are not among its pre-registered seeds 5, 6, 7, 8, 9" in \
         report.markdown(other_seed) and "Interim" not in report.markdown(other_seed)
+    five_others = report.summarise({str(int(seed) + 10): results for seed, results in _per_seed({"Pc": 0.05}).items()},
+                                   ["unlabelled"])  # as many seeds as registered, but not the registered ones
+    assert not five_others["verdict"]["final"] and "Not the experiment" in report.markdown(five_others)
     report.plot(summary, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report.write_results(tmp_path / "r.json", {"summary": summary})
-    assert json.loads((tmp_path / "r.json").read_text())["summary"]["seeds"] == [str(seed) for seed in design.DEFAULT_SEEDS]
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["summary"]["seeds"] == [str(seed) for seed in design.DEFAULT_SEEDS]
 
 
 def test_one_seed_shows_the_difference_with_the_arms_combined_standard_errors():
